@@ -1,0 +1,1 @@
+"""Reading and locating DESI spectroscopic files."""
