@@ -11,7 +11,7 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+    """Yield a temporary path beside ``target``, renamed onto ``target`` if the block succeeds.
 
     An interrupted or failed write leaves ``target`` as it was (absent or the previous version) and
     removes the temporary file, so readers never see a half-written file.

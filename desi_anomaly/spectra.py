@@ -23,6 +23,7 @@ class ObservedSpectra:
     mask: np.ndarray  # (nspec, npix) uint32
     meta: pd.DataFrame
     sources: dict[str, str] = field(default_factory=dict)  # role -> path of each file read
+    resolution: dict[str, np.ndarray] | None = None  # arm -> (nspec, ndiag, npix_arm), if read
 
     def __post_init__(self) -> None:
         n, npix = len(self.meta), len(self.wave)

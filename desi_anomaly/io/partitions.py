@@ -1,8 +1,9 @@
 """Healpix partition keys, the DESI release directory layout, and discovery of coadd/redrock pairs.
 
-A partition is one healpix coadd file, keyed ``{survey}-{program}-{healpix}`` (e.g. ``main-dark-9557``);
-the same healpix number exists under several survey/program pairs. Keys are validated by a strict
-pattern before any path is built from them, so a key can never name a path outside the data root.
+A partition is one healpix coadd file, keyed ``{survey}-{program}-{healpix}`` (e.g.
+``main-dark-9557``); the same healpix number exists under several survey/program pairs. Keys
+are validated by a strict pattern before any path is built from them, so a key can never name a
+path outside the data root.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from desi_anomaly.errors import PartitionKeyError
 from desi_anomaly.io.instrument import N_HEALPIX
 
-_KEY_RE = re.compile(r"^(?P<survey>[a-z][a-z0-9]{0,15})-(?P<program>[a-z][a-z0-9]{0,15})-(?P<healpix>0|[1-9][0-9]{0,5})$")
+_KEY_RE = re.compile(
+    r"^(?P<survey>[a-z][a-z0-9]{0,15})-(?P<program>[a-z][a-z0-9]{0,15})-(?P<healpix>0|[1-9][0-9]{0,5})$"
+)
 _FILE_RE = re.compile(
     r"^(?P<kind>coadd|redrock)-(?P<survey>[a-z][a-z0-9]{0,15})-(?P<program>[a-z][a-z0-9]{0,15})"
     r"-(?P<healpix>0|[1-9][0-9]{0,5})\.fits(?P<gz>\.gz)?$"
@@ -49,7 +52,9 @@ class PartitionKey:
     @property
     def directory(self) -> Path:
         """Folder of this healpix relative to the release root."""
-        return Path("healpix", self.survey, self.program, str(self.healpix // 100), str(self.healpix))
+        return Path(
+            "healpix", self.survey, self.program, str(self.healpix // 100), str(self.healpix)
+        )
 
     def coadd_name(self, suffix: str = ".fits") -> str:
         return f"coadd-{self}{suffix}"
@@ -82,10 +87,11 @@ class PartitionFiles:
 
 @dataclass(frozen=True)
 class Discovery:
-    """What a scan of a data root found: complete pairs, and folders missing one of the two files."""
+    """What a scan of a data root found: complete pairs, and folders missing one of the pair."""
 
     complete: list[PartitionFiles]
     incomplete: dict[str, str]  # partition key -> what is missing
+    misplaced: list[Path]  # release-style file names outside their own healpix folder
 
 
 def partition_files(root: str | Path, key: str | PartitionKey) -> PartitionFiles | None:
@@ -111,11 +117,13 @@ def discover(root: str | Path) -> Discovery:
     """Find every coadd + redrock pair under ``root/healpix`` in the DESI release layout.
 
     Files whose names do not follow the layout are ignored; a folder with only one of the two
-    files is reported as incomplete rather than guessed at. Uses ``os.scandir`` for speed on
+    files is reported as incomplete rather than guessed at, and a coadd/redrock file outside its
+    own healpix folder as misplaced. Uses ``os.scandir`` for speed on
     tens of thousands of folders.
     """
     base = Path(root) / "healpix"
     found: dict[PartitionKey, dict[str, Path]] = {}
+    misplaced = []
     for folder in _healpix_folders(base):
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -123,8 +131,9 @@ def discover(root: str | Path) -> Discovery:
                 if m is None or not entry.is_file():
                     continue
                 key = parse_key(f"{m['survey']}-{m['program']}-{m['healpix']}")
-                if Path(folder) != base / key.directory:
-                    continue  # a file outside its own healpix folder is not part of the release
+                if Path(folder) != Path(root) / key.directory:
+                    misplaced.append(Path(entry.path))
+                    continue
                 found.setdefault(key, {}).setdefault(m["kind"], Path(entry.path))
     complete, incomplete = [], {}
     for key in sorted(found):
@@ -133,8 +142,8 @@ def discover(root: str | Path) -> Discovery:
             complete.append(PartitionFiles(key, kinds["coadd"], kinds["redrock"]))
         else:
             missing = "redrock" if "coadd" in kinds else "coadd"
-            incomplete[str(key)] = f"{missing} file missing in {base / key.directory}"
-    return Discovery(complete, incomplete)
+            incomplete[str(key)] = f"{missing} file missing in {Path(root) / key.directory}"
+    return Discovery(complete, incomplete, sorted(misplaced))
 
 
 def _healpix_folders(base: Path):
