@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ def read_redrock(path: str | Path) -> pd.DataFrame:
 class QSOCatalog:
     """A QSO catalogue (e.g. DESI's QSO value-added catalogue): sorted TARGETID -> Z lookup.
 
-    Loaded once and shared by many partitions; only TARGETID, Z and, when present, TARGET_RA and
-    TARGET_DEC are read.
+    Loaded once and shared by many partitions; only TARGETID, Z and, when present, TARGET_RA,
+    TARGET_DEC and LASTNIGHT are read. A TARGETID listed more than once (cumulative catalogues
+    can hold one row per observation) keeps its latest row (by LASTNIGHT, else the last one),
+    with a warning giving the count.
     """
 
     path: str
@@ -45,17 +48,24 @@ class QSOCatalog:
     def read(cls, path: str | Path) -> QSOCatalog:
         with open_fits(path) as fits:
             ext = _first_table(fits, path)
-            table = read_table(fits, path, ext, ("TARGETID", "Z"), ("TARGET_RA", "TARGET_DEC"))
-        tid = table["TARGETID"].to_numpy(np.int64)
-        _check_unique(tid, path, ext)
-        order = np.argsort(tid, kind="stable")
+            optional = ("TARGET_RA", "TARGET_DEC", "LASTNIGHT")
+            table = read_table(fits, path, ext, ("TARGETID", "Z"), optional)
+        order_cols = ["TARGETID", "LASTNIGHT"] if "LASTNIGHT" in table else ["TARGETID"]
+        table = table.sort_values(order_cols, kind="stable")
+        latest = ~table["TARGETID"].duplicated(keep="last").to_numpy()
+        if not latest.all():
+            warnings.warn(
+                f"{path}: {int((~latest).sum())} repeated TARGETID row(s); kept the latest of each",
+                stacklevel=2,
+            )
+        table = table[latest]
         has_radec = "TARGET_RA" in table and "TARGET_DEC" in table
         return cls(
             path=str(path),
-            targetid=tid[order],
-            z=table["Z"].to_numpy(np.float64)[order],
-            ra=table["TARGET_RA"].to_numpy(np.float64)[order] if has_radec else None,
-            dec=table["TARGET_DEC"].to_numpy(np.float64)[order] if has_radec else None,
+            targetid=table["TARGETID"].to_numpy(np.int64),
+            z=table["Z"].to_numpy(np.float64),
+            ra=table["TARGET_RA"].to_numpy(np.float64) if has_radec else None,
+            dec=table["TARGET_DEC"].to_numpy(np.float64) if has_radec else None,
         )
 
     def __len__(self) -> int:

@@ -1,0 +1,149 @@
+"""The reader on mock DESI files: selection, provenance, compressed files, rows actually read."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import fitsio
+import numpy as np
+import pandas as pd
+import pytest
+
+from desi_anomaly.io.coadd import QSOSelection, read_qso_spectra
+from desi_anomaly.io.partitions import discover
+from desi_anomaly.io.redshifts import QSOCatalog
+
+
+@pytest.fixture(scope="module")
+def truth(small_drop) -> pd.DataFrame:
+    return pd.read_parquet(small_drop / "truth.parquet")
+
+
+def test_selection_matches_truth(small_drop, truth):
+    for files in discover(small_drop).complete:
+        spectra = read_qso_spectra(files.coadd, files.redrock)
+        expected = truth[(truth["PARTITION"] == str(files.key)) & truth["IS_QSO_SELECTED"]]
+        assert sorted(spectra.targetid) == sorted(expected["TARGETID"])
+        assert (spectra.meta["SPECTYPE"] == "QSO").all() and (spectra.meta["ZWARN"] == 0).all()
+        z_truth = expected.set_index("TARGETID").loc[spectra.targetid, "Z"].to_numpy()
+        assert np.allclose(spectra.z, z_truth, atol=0.01)
+
+
+def test_selection_is_configurable(small_drop, truth):
+    files = discover(small_drop).complete[0]
+    strict = read_qso_spectra(files.coadd, files.redrock)
+    loose = read_qso_spectra(
+        files.coadd, files.redrock, selection=QSOSelection(zwarn_zero=False, fiberstatus_zero=False)
+    )
+    in_file = truth[truth["PARTITION"] == str(files.key)]
+    assert len(loose) == (in_file["SPECTYPE"] == "QSO").sum() > len(strict)
+    everything = read_qso_spectra(
+        files.coadd,
+        files.redrock,
+        selection=QSOSelection(spectype=None, zwarn_zero=False, fiberstatus_zero=False),
+    )
+    assert len(everything) == len(in_file)
+
+
+def test_provenance_columns(small_drop):
+    files = discover(small_drop).complete[0]
+    spectra = read_qso_spectra(files.coadd, files.redrock)
+    meta = spectra.meta
+    for col in (
+        "TARGET_RA",
+        "TARGET_DEC",
+        "Z",
+        "ZERR",
+        "DELTACHI2",
+        "TILEID",
+        "FIBER",
+        "LASTNIGHT",
+    ):
+        assert col in meta and meta[col].notna().all(), col
+    exp = fitsio.read(str(files.coadd), "EXP_FIBERMAP", columns=["TARGETID", "NIGHT", "TILEID"])
+    tid = spectra.targetid[0]
+    nights = exp["NIGHT"][exp["TARGETID"] == tid]
+    assert meta["LASTNIGHT"].iloc[0] == nights.max()
+    assert spectra.sources == {"coadd": str(files.coadd), "redrock": str(files.redrock)}
+
+
+def test_gzipped_files_read_the_same(small_drop, tmp_path):
+    files = discover(small_drop).complete[0]
+    plain = read_qso_spectra(files.coadd, files.redrock)
+    gz = []
+    for src in (files.coadd, files.redrock):
+        dst = tmp_path / (src.name + ".gz")
+        with open(src, "rb") as fin, gzip.open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        gz.append(dst)
+    packed = read_qso_spectra(*gz)
+    assert np.array_equal(plain.flux, packed.flux) and np.array_equal(plain.ivar, packed.ivar)
+    pd.testing.assert_frame_equal(plain.meta, packed.meta)
+
+
+def test_qso_catalogue_is_the_redshift_source(small_drop, tmp_path):
+    files = discover(small_drop).complete[0]
+    base = read_qso_spectra(files.coadd, files.redrock)
+    tids = base.targetid[:5]
+    cat_path = tmp_path / "qso_cat.fits"
+    fitsio.write(
+        str(cat_path),
+        np.rec.fromarrays([tids, np.full(5, 2.5)], names=["TARGETID", "Z"]),
+        extname="QSO_CAT",
+    )
+    catalog = QSOCatalog.read(cat_path)
+    spectra = read_qso_spectra(files.coadd, files.redrock, catalog=catalog)
+    assert sorted(spectra.targetid) == sorted(tids)
+    assert np.allclose(spectra.z, 2.5)
+    assert spectra.sources["catalog"] == str(cat_path)
+    # The catalogue alone is enough.
+    alone = read_qso_spectra(files.coadd, catalog=catalog)
+    assert np.array_equal(np.sort(alone.targetid), np.sort(tids))
+
+
+def test_reads_only_selected_rows_and_needed_hdus(small_drop, tmp_path):
+    """Poison every byte the reader must not touch: non-QSO rows and the SCORES data."""
+    files = discover(small_drop).complete[0]
+    clean = read_qso_spectra(files.coadd, files.redrock)
+    coadd = Path(shutil.copy(files.coadd, tmp_path / files.coadd.name))
+    fibermap_tid = fitsio.read(str(coadd), "FIBERMAP", columns=["TARGETID"])["TARGETID"]
+    unselected = np.flatnonzero(~np.isin(fibermap_tid, clean.targetid))
+    with fitsio.FITS(str(coadd)) as fits:
+        spans = []
+        for hdu in fits[1:]:
+            name = hdu.get_extname()
+            _, start, end = hdu.get_offsets()
+            if name == "SCORES":
+                spans.append((start, end - start))
+            elif name.endswith(("_FLUX", "_IVAR")):
+                row = (end - start) // hdu.get_dims()[0]
+                spans += [(start + int(r) * row, row) for r in unselected]
+    fd = os.open(coadd, os.O_WRONLY)
+    try:
+        for offset, length in spans:
+            os.pwrite(fd, b"\xff" * length, offset)  # 0xffffffff is a NaN in float32
+    finally:
+        os.close(fd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poisoned = read_qso_spectra(coadd, files.redrock)
+    assert np.array_equal(poisoned.flux, clean.flux)
+    assert np.array_equal(poisoned.ivar, clean.ivar)
+
+
+def test_repeated_catalogue_rows_keep_the_latest(tmp_path):
+    path = tmp_path / "cat.fits"
+    rows = np.rec.fromarrays(
+        [np.array([5, 3, 5, 9]), np.array([1.0, 2.0, 1.5, 3.0]), np.array([1, 1, 2, 1])],
+        names=["TARGETID", "Z", "LASTNIGHT"],
+    )
+    fitsio.write(str(path), rows)
+    with pytest.warns(UserWarning, match="1 repeated TARGETID"):
+        catalog = QSOCatalog.read(path)
+    assert catalog.targetid.tolist() == [3, 5, 9]
+    assert catalog.z.tolist() == [2.0, 1.5, 3.0]
+    assert catalog.locate(np.array([9, 4, 3])).tolist() == [2, -1, 0]
