@@ -83,17 +83,19 @@ def stage_raw(pairs) -> int:
     for coadd, redrock in pairs:
         _, rows = _qso_rows(coadd, redrock)
         with fitsio.FITS(str(redrock)) as f:
-            _read_span(redrock, *f["REDSHIFTS"].get_offsets()[1:])
+            offsets = f["REDSHIFTS"].get_offsets()
+            _read_span(redrock, offsets["data_start"], offsets["data_end"])
         fd = os.open(coadd, os.O_RDONLY)
         try:
             with fitsio.FITS(str(coadd)) as f:
                 for hdu in f[1:]:
                     name = hdu.get_extname()
-                    _, start, end = hdu.get_offsets()
+                    offsets = hdu.get_offsets()
+                    start, end = offsets["data_start"], offsets["data_end"]
                     if name in ("FIBERMAP", "EXP_FIBERMAP") or name.endswith("WAVELENGTH"):
                         os.pread(fd, end - start, start)
                     elif name.split("_", 1)[-1] in ("FLUX", "IVAR", "MASK"):
-                        row_bytes = (end - start) // hdu.get_dims()[0]
+                        row_bytes = hdu.get_dims()[1] * abs(hdu.read_header()["BITPIX"]) // 8
                         for r in rows:
                             os.pread(fd, row_bytes, start + int(r) * row_bytes)
         finally:

@@ -116,11 +116,12 @@ def test_reads_only_selected_rows_and_needed_hdus(small_drop, tmp_path):
         spans = []
         for hdu in fits[1:]:
             name = hdu.get_extname()
-            _, start, end = hdu.get_offsets()
+            offsets = hdu.get_offsets()
+            start, end = offsets["data_start"], offsets["data_end"]
             if name == "SCORES":
                 spans.append((start, end - start))
             elif name.endswith(("_FLUX", "_IVAR")):
-                row = (end - start) // hdu.get_dims()[0]
+                row = hdu.get_dims()[1] * abs(hdu.read_header()["BITPIX"]) // 8
                 spans += [(start + int(r) * row, row) for r in unselected]
     fd = os.open(coadd, os.O_WRONLY)
     try:

@@ -24,6 +24,8 @@ def open_fits(path: str | Path) -> Iterator[fitsio.FITS]:
     except (OSError, ValueError) as exc:
         raise DesiFormatError(path, f"not a readable FITS file ({_first_line(exc)})") from exc
     try:
+        if path.suffix != ".gz":
+            _check_complete(fits, path)
         yield fits
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, DesiFormatError):
@@ -31,6 +33,18 @@ def open_fits(path: str | Path) -> Iterator[fitsio.FITS]:
         raise DesiFormatError(path, f"corrupt or truncated FITS data ({_first_line(exc)})") from exc
     finally:
         fits.close()
+
+
+def _check_complete(fits: fitsio.FITS, path: Path) -> None:
+    """A FITS file is whole 2880-byte blocks holding every HDU's declared data."""
+    size = path.stat().st_size
+    needed = fits[len(fits) - 1].get_offsets()["data_end"]
+    if needed > size:
+        raise DesiFormatError(path, f"truncated FITS file: {size} bytes, its HDUs need {needed}")
+    if size % 2880:
+        raise DesiFormatError(
+            path, f"truncated FITS file: {size} bytes is not whole 2880-byte blocks"
+        )
 
 
 def hdu_names(fits: fitsio.FITS) -> set[str]:
