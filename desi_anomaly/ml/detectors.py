@@ -1,0 +1,376 @@
+"""Anomaly detectors on VAE latents, combined with the reconstruction chi2 into one anomaly score.
+
+Components (each one a score, larger = more anomalous):
+
+- ``IFOREST``: PyOD Isolation Forest on the full latent vectors (isolation, axis-parallel trees).
+- ``PCA``: PyOD PCA detector on the standardised full latent vectors (linear model: distances to
+  the principal axes weighted by the inverse of their variance, so dominated by the low-variance
+  axes; catches excursions along near-collapsed latent directions that the other two barely see).
+- ``KNN``: PyOD k-nearest-neighbour mean distance (proximity) in the leading principal components of
+  the latents, against a capped reference sample, so that scoring costs O(reference size) per
+  spectrum at any catalogue size.
+- ``RECON``: the VAE reconstruction reduced chi2 (``RECON_RCHI2``) as given.
+
+ECOD/COPOD are not used: PyOD scores new rows by recomputing the ECDFs over the training set plus
+the whole batch, so a spectrum's score depends on which other spectra share its batch, and every
+batch costs a pass over the training set. HBOS was tried and dropped: it sums per-dimension
+log-densities and saturates outside the histogram range, so large single-direction excursions are
+lost in the sum over 128 dimensions.
+
+Combination rule. ``fit`` holds out a random ``reference_fraction`` of the training rows, fits the
+detectors on the rest and scores the held-out rows as new data. For each component the tail
+probability of a score s is ``(1 + #{ref >= s}) / (n_ref + 1)`` (rank normalisation); beyond the
+``(m+1)``-th largest reference score u (m = min(100, n_ref // 10)) it is extrapolated with an
+exponential tail, ``(m + 1) / (n_ref + 1) * exp(-(s - u) / scale)`` with scale = mean excess of the
+top m, so extreme spectra keep distinct scores instead of tying at ``1 / (n_ref + 1)``. The combined
+``ANOMALY_SCORE`` is the mean over the four components of ``-ln(tail probability)``: about 1 for a
+typical spectrum, large when several components agree or one is extreme. It is a ranking score, not
+a p-value; ``desi_anomaly.ml.significance`` calibrates it.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import pyod
+import sklearn
+from pyod.models.iforest import IForest
+from pyod.models.knn import KNN
+from pyod.models.pca import PCA as PCADetector
+from sklearn.decomposition import PCA
+from threadpoolctl import ThreadpoolController
+
+from desi_anomaly import __version__
+from desi_anomaly.atomic import atomic_path
+from desi_anomaly.errors import DesiAnomalyError
+
+COMPONENTS = ("IFOREST", "PCA", "KNN", "RECON")
+LATENT_DETECTORS = COMPONENTS[:3]
+SCORE_COLUMNS = (
+    *(f"SCORE_{name}" for name in LATENT_DETECTORS),
+    *(f"TAILP_{name}" for name in COMPONENTS),
+    "ANOMALY_SCORE",
+)
+MIN_REFERENCE_ROWS = 50
+FORMAT = "desi_anomaly.AnomalyEnsemble"
+FORMAT_VERSION = 1
+
+
+class AnomalyInputError(DesiAnomalyError, ValueError):
+    """Arrays that cannot be scored: wrong shape, non-finite values or too few rows."""
+
+
+class ModelFileError(DesiAnomalyError):
+    """A persisted detector or calibrator that cannot be used: names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Detector settings; the defaults keep scoring 1.6M x 128 latents to minutes on 2 cores."""
+
+    iforest_estimators: int = 100
+    iforest_max_samples: int = 256
+    knn_neighbors: int = 10
+    knn_reference_size: int = 10_000
+    knn_pca_components: int = 32
+    reference_fraction: float = 0.2
+    chunk_size: int = 32_768  # rows scored at once inside ``score``, bounds temporary memory
+    n_jobs: int = 1  # threads (joblib, BLAS, OpenMP); the pipeline parallelises over shards
+
+
+class _TailModel:
+    """Tail probability of one component score against its reference scores (see module doc)."""
+
+    def __init__(self, reference: np.ndarray):
+        ref = np.sort(np.asarray(reference, dtype=np.float64))
+        n = ref.size
+        self.m = min(100, n // 10)
+        self.sorted = ref
+        self.threshold = float(ref[n - self.m - 1])
+        self.scale = float(np.mean(ref[n - self.m :] - self.threshold))
+
+    def neg_log(self, s: np.ndarray) -> np.ndarray:
+        """``-ln`` of the tail probability of scores ``s``."""
+        s = np.asarray(s, dtype=np.float64)
+        n = self.sorted.size
+        n_ge = n - np.searchsorted(self.sorted, s, side="left")
+        nlp = np.log(n + 1) - np.log1p(n_ge)
+        if self.scale > 0:
+            tail = np.log(n + 1) - np.log(self.m + 1) + (s - self.threshold) / self.scale
+            nlp = np.where(s > self.threshold, tail, nlp)
+        return nlp
+
+
+def check_finite_rows(name: str, *columns: np.ndarray) -> None:
+    """Raise ``AnomalyInputError`` naming how many rows hold a NaN or infinite value."""
+    good = np.ones(len(columns[0]), dtype=bool)
+    for col in columns:
+        finite = np.isfinite(col)
+        good &= finite if finite.ndim == 1 else finite.all(axis=1)
+    n_bad = int((~good).sum())
+    if n_bad:
+        first = int(np.flatnonzero(~good)[0])
+        raise AnomalyInputError(
+            f"{n_bad} of {good.size} rows have non-finite {name} (first at row {first}); "
+            "drop or repair them before fitting or scoring"
+        )
+
+
+def _as_inputs(
+    latents: np.ndarray, recon_rchi2: np.ndarray, latent_dim: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(latents, dtype=np.float32)
+    r = np.asarray(recon_rchi2, dtype=np.float64)
+    if x.ndim != 2:
+        raise AnomalyInputError(f"latents must be 2-D (n_spectra, latent_dim), got shape {x.shape}")
+    if r.shape != (x.shape[0],):
+        raise AnomalyInputError(
+            f"recon_rchi2 must have shape ({x.shape[0]},) to match the latents, got {r.shape}"
+        )
+    if latent_dim is not None and x.shape[1] != latent_dim:
+        raise AnomalyInputError(
+            f"the detector was fitted on {latent_dim}-d latents, got {x.shape[1]}-d latents"
+        )
+    check_finite_rows("latents or RECON_RCHI2", x, r)
+    return x, r
+
+
+class AnomalyEnsemble:
+    """Isolation Forest + PCA + KNN on latents, plus RECON_RCHI2, combined into ANOMALY_SCORE."""
+
+    def __init__(self, config: EnsembleConfig | None = None):
+        self.config = config or EnsembleConfig()
+        self.info: dict[str, Any] = {}
+
+    @property
+    def latent_dim(self) -> int | None:
+        """Latent dimension the ensemble was fitted on (None before ``fit``)."""
+        return self.info.get("latent_dim")
+
+    def fit(self, latents: np.ndarray, recon_rchi2: np.ndarray, *, seed: int) -> AnomalyEnsemble:
+        """Fit on a training sample of latents (n, d) and reconstruction reduced chi2 (n,)."""
+        cfg = self.config
+        x, r = _as_inputs(latents, recon_rchi2, None)
+        n = len(x)
+        n_ref = int(cfg.reference_fraction * n)
+        n_fit = n - n_ref
+        if n_ref < MIN_REFERENCE_ROWS or n_fit < cfg.knn_neighbors + 1:
+            raise AnomalyInputError(
+                f"fit got {n} training rows: {n_ref} held out for rank normalisation "
+                f"(needs >= {MIN_REFERENCE_ROWS}) and {n_fit} to fit the detectors (KNN with "
+                f"n_neighbors={cfg.knn_neighbors} needs >= {cfg.knn_neighbors + 1})"
+            )
+        perm = np.random.default_rng(seed).permutation(n)
+        ref_rows, fit_rows = np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+        knn_rows = np.sort(perm[n_ref : n_ref + cfg.knn_reference_size])
+        with _threadpools().limit(limits=cfg.n_jobs):
+            self._fit_detectors(x[fit_rows], x[knn_rows], x[ref_rows], r[ref_rows], seed)
+        self.info = {
+            "latent_dim": int(x.shape[1]),
+            "n_train": n,
+            "n_fit": n_fit,
+            "n_reference": n_ref,
+            "n_knn_reference": len(knn_rows),
+            "knn_pca_components": self.knn_projection_.n_components_,
+            "knn_pca_explained_variance": float(
+                self.knn_projection_.explained_variance_ratio_.sum()
+            ),
+            "seed": seed,
+            "config": asdict(cfg),
+            "versions": _versions(),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return self
+
+    def _fit_detectors(
+        self, x_fit: np.ndarray, x_knn: np.ndarray, x_ref: np.ndarray, r_ref: np.ndarray, seed: int
+    ) -> None:
+        """Fit the detectors on ``x_fit`` (KNN on ``x_knn``), then the tails on the reference."""
+        cfg = self.config
+        self.iforest_ = IForest(
+            n_estimators=cfg.iforest_estimators,
+            max_samples=min(cfg.iforest_max_samples, len(x_fit)),
+            random_state=seed,
+            n_jobs=cfg.n_jobs,
+        ).fit(x_fit)
+        # constant latent dimensions (dead units) and n <= d give zero-variance axes: leave them out
+        rank = min(int(np.count_nonzero(np.ptp(x_fit, axis=0))), len(x_fit) - 1)
+        self.pca_ = PCADetector(n_components=rank, random_state=seed).fit(x_fit)
+        n_pc = min(cfg.knn_pca_components, x_knn.shape[1], len(x_knn))
+        self.knn_projection_ = PCA(n_components=n_pc, random_state=seed).fit(x_knn)
+        self.knn_ = KNN(n_neighbors=cfg.knn_neighbors, method="mean", n_jobs=cfg.n_jobs)
+        self.knn_.fit(self.knn_projection_.transform(x_knn))
+        ref_scores = self._latent_scores(x_ref)
+        ref_scores["RECON"] = r_ref
+        self.tails_ = {name: _TailModel(ref_scores[name]) for name in COMPONENTS}
+
+    def _latent_scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "IFOREST": self.iforest_.decision_function(x),
+            "PCA": self.pca_.decision_function(x),
+            "KNN": self.knn_.decision_function(self.knn_projection_.transform(x)),
+        }
+
+    def score(self, latents: np.ndarray, recon_rchi2: np.ndarray) -> pd.DataFrame:
+        """Score a batch; each row's result depends only on that row and the fitted ensemble.
+
+        Returns one row per spectrum: ``SCORE_IFOREST``, ``SCORE_PCA``, ``SCORE_KNN`` (raw detector
+        scores), ``TAILP_<component>`` (tail probability against the training reference, for the
+        three detectors and RECON) and ``ANOMALY_SCORE`` (mean of ``-ln TAILP``).
+        """
+        if not self.info:
+            raise DesiAnomalyError("AnomalyEnsemble.score called before fit or load")
+        x, r = _as_inputs(latents, recon_rchi2, self.latent_dim)
+        step = self.config.chunk_size
+        with _threadpools().limit(limits=self.config.n_jobs):
+            parts = [
+                self._score_chunk(x[i : i + step], r[i : i + step]) for i in range(0, len(x), step)
+            ]
+        if not parts:
+            return pd.DataFrame({col: np.empty(0) for col in SCORE_COLUMNS})
+        return pd.concat(parts, ignore_index=True)
+
+    def _score_chunk(self, x: np.ndarray, r: np.ndarray) -> pd.DataFrame:
+        raw = self._latent_scores(x)
+        nlp = {name: self.tails_[name].neg_log(raw.get(name, r)) for name in COMPONENTS}
+        out = {f"SCORE_{name}": raw[name] for name in LATENT_DETECTORS}
+        out |= {f"TAILP_{name}": np.exp(-nlp[name]) for name in COMPONENTS}
+        out["ANOMALY_SCORE"] = np.mean([nlp[name] for name in COMPONENTS], axis=0)
+        return pd.DataFrame(out)
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted ensemble (joblib, with its ``info`` dict embedded) atomically."""
+        if not self.info:
+            raise DesiAnomalyError("AnomalyEnsemble.save called before fit")
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "info": self.info,
+            "ensemble": self,
+        }
+        with atomic_path(path) as tmp:
+            joblib.dump(payload, tmp, compress=3)
+
+    @classmethod
+    def load(cls, path: str | Path, *, latent_dim: int | None = None) -> AnomalyEnsemble:
+        """Read a saved ensemble; ``latent_dim`` (if given) must match the one it was fitted on.
+
+        Only load files you trust: joblib files can run code when read.
+        """
+        payload = _load_joblib(path)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ModelFileError(path, f"not a {FORMAT} file")
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise ModelFileError(
+                path,
+                f"format version {payload.get('format_version')}, this code reads "
+                f"version {FORMAT_VERSION}; refit the detector",
+            )
+        info = payload["info"]
+        if latent_dim is not None and info["latent_dim"] != latent_dim:
+            raise ModelFileError(
+                path,
+                f"detector fitted on {info['latent_dim']}-d latents, expected {latent_dim}-d "
+                "(it belongs to a different VAE; refit it on this VAE's latents)",
+            )
+        saved, now = info["versions"], _versions()
+        changed = [k for k in ("scikit-learn", "pyod") if saved.get(k) != now[k]]
+        if changed:
+            was = ", ".join(f"{k} {saved.get(k)}" for k in changed)
+            running = ", ".join(f"{k} {now[k]}" for k in changed)
+            warnings.warn(f"{path}: saved with {was}, running {running}", stacklevel=2)
+        return payload["ensemble"]
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """BLAS/OpenMP pools, inspected once: ``threadpool_limits`` rescans them (~10 ms) per call."""
+    return ThreadpoolController()
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "desi_anomaly": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "pyod": pyod.__version__,
+    }
+
+
+def _load_joblib(path: str | Path) -> Any:
+    if not Path(path).is_file():
+        raise ModelFileError(path, "no such file")
+    try:
+        return joblib.load(path)
+    except Exception as exc:  # joblib/pickle raise many types for a damaged file
+        raise ModelFileError(path, f"cannot be read as a joblib file ({exc})") from exc
+
+
+@dataclass
+class SyntheticLatents:
+    """Synthetic VAE outputs: latents, RECON_RCHI2, median S/N and the planted-anomaly flags."""
+
+    latents: np.ndarray  # (n, dim) float32
+    recon_rchi2: np.ndarray  # (n,) float64
+    snr: np.ndarray  # (n,) float64
+    is_anomaly: np.ndarray  # (n,) bool
+
+
+_STRUCTURE_SEED = 20240601
+
+
+def synthetic_latents(
+    n: int, *, seed: int, dim: int = 128, anomaly_fraction: float = 0.0, n_active: int = 16
+) -> SyntheticLatents:
+    """Draw VAE-like outputs for tests and benchmarks (not a model of real spectra).
+
+    Normal spectra: a 6-component Gaussian mixture in ``n_active`` latent dimensions whose spread
+    grows at low S/N, the other dimensions near-collapsed (sigma 0.05); RECON_RCHI2 near 1 with a
+    model-mismatch term growing as S/N squared. S/N follows the DR1 QSO distribution (median 2.3).
+    The mixture is the same for every ``seed``, so chunks drawn with different seeds form one
+    population. Anomalies (three kinds in equal shares): excursions in three collapsed dimensions,
+    latents far from the mixture, or a RECON_RCHI2 excess only; all have RECON_RCHI2 raised.
+    """
+    structure = np.random.default_rng(_STRUCTURE_SEED)
+    n_clusters = 6
+    centres = structure.normal(0.0, 1.5, size=(n_clusters, n_active))
+    mixing = structure.normal(0.0, 0.5 / np.sqrt(n_active), size=(n_clusters, n_active, n_active))
+    mixing += 0.5 * np.eye(n_active)
+    weights = structure.dirichlet(np.full(n_clusters, 3.0))
+
+    rng = np.random.default_rng(seed)
+    snr = np.clip(rng.lognormal(np.log(2.3), 1.05, n), 0.1, 200.0)
+    k = rng.choice(n_clusters, size=n, p=weights)
+    spread = 0.6 + 1.0 / np.sqrt(snr)
+    eps = rng.normal(size=(n, n_active))
+    z = np.empty((n, dim), dtype=np.float32)
+    for c in range(n_clusters):
+        rows = k == c
+        z[rows, :n_active] = centres[c] + spread[rows, None] * (eps[rows] @ mixing[c].T)
+    z[:, n_active:] = rng.normal(0.0, 0.05, size=(n, dim - n_active))
+    rchi2 = 1.0 + rng.normal(0.0, 0.026, n) + (0.05 * snr) ** 2 * rng.lognormal(0.0, 0.3, n)
+
+    bad = rng.random(n) < anomaly_fraction
+    kind = rng.integers(0, 3, size=n)
+    off = np.flatnonzero(bad & (kind == 0))
+    cols = rng.integers(n_active, dim, size=(off.size, 3))
+    z[off[:, None], cols] += rng.normal(0.0, 1.0, size=cols.shape).astype(np.float32)
+    far = bad & (kind == 1)
+    z[far, :n_active] = rng.normal(0.0, 4.0, size=(int(far.sum()), n_active))
+    rchi2[bad] *= rng.uniform(1.3, 3.0, int(bad.sum()))
+    rchi2[bad & (kind == 2)] *= 1.5
+    return SyntheticLatents(z, rchi2, snr, bad)

@@ -1,0 +1,128 @@
+"""Dispatch of VAE training and encoding to Ray (a local runtime or an existing cluster).
+
+Paths handed to Ray tasks must be visible to the workers (local disk for a local runtime, a shared
+volume or mount on a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+import torch
+from ray._private import ray_constants
+
+from .encoding import EncodeResult, already_encoded, encode_partition
+from .training import file_sha256, load_checkpoint, train_vae
+from .vae import VAEConfig
+
+
+def init_ray(address: str | None = None, *, num_cpus: int = 2) -> None:
+    """Connect to the Ray cluster at ``address``, or start a quiet local runtime on 127.0.0.1
+    with ``num_cpus`` CPUs and no dashboard when ``address`` is None. No-op if already connected."""
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None:
+        # Ray resolves 127.0.0.1 to the routable address unless cluster mode is off; turning it
+        # off (for this process and the Ray processes it starts) binds everything to loopback.
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+    else:
+        ray.init(address=address, **quiet)
+
+
+def cluster_has_gpu() -> bool:
+    """True when the connected Ray cluster offers at least one GPU."""
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _train_task(shards, out_dir, config_dict, resume, max_spectra, num_cpus) -> str:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(num_cpus)
+    path = train_vae(
+        shards,
+        out_dir,
+        VAEConfig.from_dict(config_dict),
+        resume=resume,
+        max_spectra=max_spectra,
+        device=device,
+    )
+    return str(path)
+
+
+def train_on_ray(
+    shards: Sequence[str | Path],
+    out_dir: str | Path,
+    config: VAEConfig | None = None,
+    *,
+    resume: bool = True,
+    max_spectra: int | None = None,
+    num_cpus: int = 1,
+) -> Path:
+    """Run ``train_vae`` as one Ray task (one GPU when the cluster has any, else ``num_cpus``
+    CPUs); the device is chosen inside the task. Returns the checkpoint path."""
+    config = config or VAEConfig()
+    task = ray.remote(_train_task).options(
+        num_cpus=num_cpus, num_gpus=1 if cluster_has_gpu() else 0, max_retries=0
+    )
+    ref = task.remote(
+        [str(p) for p in shards], str(out_dir), config.to_dict(), resume, max_spectra, num_cpus
+    )
+    return Path(ray.get(ref))
+
+
+@ray.remote(num_cpus=1)
+class ShardEncoder:
+    """A Ray actor holding one loaded checkpoint; encodes shards one after another."""
+
+    def __init__(self, checkpoint: str, threads: int):
+        torch.set_num_threads(threads)
+        self.vae = load_checkpoint(checkpoint)
+
+    def encode(self, shard_path: str, out_dir: str, batch_size: int) -> EncodeResult:
+        return encode_partition(self.vae, shard_path, out_dir, batch_size=batch_size)
+
+
+def encode_shards_on_ray(
+    checkpoint: str | Path,
+    shard_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 256,
+    num_actors: int = 2,
+) -> list[EncodeResult]:
+    """Encode shards into ``{out_dir}/latents/{key}.parquet`` with a pool of ``num_actors`` actors
+    (each loads the checkpoint once). Partitions already encoded with this checkpoint are skipped
+    without starting any actor; a failing shard yields an error result for its partition only.
+    Results follow ``shard_paths``.
+    """
+    sha256 = file_sha256(checkpoint)
+    results = [already_encoded(p, out_dir, sha256) for p in shard_paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results
+    n_actors = max(1, min(num_actors, len(todo)))
+    actors = [ShardEncoder.remote(str(checkpoint), 1) for _ in range(n_actors)]
+    refs = {
+        i: actors[j % n_actors].encode.remote(str(shard_paths[i]), str(out_dir), batch_size)
+        for j, i in enumerate(todo)
+    }
+    for i, ref in refs.items():
+        try:
+            results[i] = ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            results[i] = EncodeResult(Path(shard_paths[i]).stem, error=_readable(exc))
+    for actor in actors:
+        ray.kill(actor)
+    return results
+
+
+def _readable(exc: Exception) -> str:
+    """The underlying error of a Ray failure, without Ray's traceback wrapping."""
+    cause = getattr(exc, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc).splitlines()[-1]

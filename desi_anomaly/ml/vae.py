@@ -1,0 +1,196 @@
+"""The spectral VAE: a 1-D convolutional encoder/decoder over the rest-frame grid.
+
+Inputs are two channels per spectrum, the normalised flux (zeroed where there is no data) and
+the data mask (1 where ivar > 0); the output is the reconstructed flux on the whole grid. The loss
+is the ivar-weighted chi2 over the pixels with data (optionally up-weighting broad emission-line
+windows) plus ``beta`` times the KL divergence of the Gaussian posterior from the unit prior.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Rest wavelengths (A) of the broad lines whose windows ``line_weight`` up-weights:
+#: Lya, CIV, CIII], MgII, Hbeta, Halpha.
+EMISSION_LINES = (1216.0, 1549.0, 1909.0, 2799.0, 4861.0, 6563.0)
+_C_KMS = 299_792.458
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and training settings; ``to_dict``/``from_dict`` round-trip through JSON.
+
+    ``channels``: widths of the encoder's stride-2 convolution levels; the decoder mirrors them with
+    stride-2 transposed convolutions.
+    ``input_clip``: the encoder sees the normalised flux clipped to +-input_clip (about 5x the
+    strongest normal line peak) so a broken normalisation cannot blow up activations.
+    ``huber_chi``: residual (in sigma) beyond which a pixel's training loss grows only linearly.
+    ``line_weight``: factor on the chi2 weight of pixels within ``line_half_width_kms`` of
+    ``EMISSION_LINES`` (1 = no up-weighting). ``patience``: epochs without a better validation loss
+    before early stopping.
+    """
+
+    npix: int = 4000
+    latent_dim: int = 128
+    channels: tuple[int, ...] = (8, 16, 16, 32, 32, 64, 64)
+    kernel_size: int = 5
+    beta: float = 1.0
+    huber_chi: float = 5.0
+    input_clip: float = 50.0
+    line_weight: float = 1.0
+    line_half_width_kms: float = 10_000.0
+    lr: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 30
+    patience: int = 5
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.npix < 2 or self.latent_dim < 1 or not self.channels:
+            raise ValueError(f"invalid VAE shape: {self}")
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON description."""
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        """Inverse of ``to_dict``; unknown keys raise ValueError."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VAE config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class SpectrumVAE(nn.Module):
+    """Convolutional VAE: (flux, mask) on ``npix`` pixels -> latent Gaussian -> flux on the grid."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        k, pad = config.kernel_size, config.kernel_size // 2
+        widths = (2, *config.channels)
+        self.encoder = nn.Sequential(
+            *(
+                layer
+                for c_in, c_out in itertools.pairwise(widths)
+                for layer in (nn.Conv1d(c_in, c_out, k, stride=2, padding=pad), nn.LeakyReLU(0.1))
+            )
+        )
+        self.bottom_len = math.ceil(config.npix / 2 ** len(config.channels))
+        bottom = config.channels[-1] * self.bottom_len
+        self.to_posterior = nn.Linear(bottom, 2 * config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim, bottom)
+        up = config.channels[::-1]
+        self.decoder = nn.Sequential(
+            *(
+                layer
+                for c_in, c_out in zip(up, (*up[1:], up[-1]), strict=True)
+                for layer in (
+                    nn.ConvTranspose1d(c_in, c_out, 4, stride=2, padding=1),  # doubles the length
+                    nn.LeakyReLU(0.1),
+                )
+            ),
+            nn.Conv1d(up[-1], 1, k, padding=pad),
+        )
+        # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
+        self.offset = nn.Parameter(torch.ones(config.npix))
+
+    def encode(self, flux: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each (n, latent_dim)."""
+        clipped = flux.clamp(-self.config.input_clip, self.config.input_clip)
+        x = torch.stack((clipped * good, good), dim=1)
+        h = self.encoder(x).flatten(1)
+        mu, logvar = self.to_posterior(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstructed flux (n, npix)."""
+        h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom_len)
+        return self.decoder(h)[:, 0, : self.config.npix] + self.offset
+
+    def forward(
+        self, flux: torch.Tensor, good: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction, posterior mean and log-variance; the latent is sampled with
+        ``generator`` (training) or is the posterior mean when ``generator`` is None."""
+        mu, logvar = self.encode(flux, good)
+        if generator is None:
+            return self.decode(mu), mu, logvar
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+        return self.decode(mu + eps * torch.exp(0.5 * logvar)), mu, logvar
+
+
+def clean_inputs(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flux and ivar as float32 with non-finite or ivar <= 0 pixels masked (flux 0, ivar 0).
+
+    NaN or inf in a shard is treated as missing data, never propagated into the network.
+    """
+    flux = np.asarray(flux, dtype=np.float32)
+    ivar = np.asarray(ivar, dtype=np.float32)
+    good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    return np.where(good, flux, 0.0).astype(np.float32), np.where(good, ivar, 0.0).astype(
+        np.float32
+    )
+
+
+def chi2(flux: torch.Tensor, ivar: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Per-spectrum chi2 of ``model`` over the pixels with data (ivar > 0)."""
+    return (ivar * (flux - model) ** 2).sum(dim=1)
+
+
+def robust_chi2(
+    flux: torch.Tensor, ivar: torch.Tensor, model: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """Per-spectrum chi2 with Huber tails: a pixel deviating by more than ``delta`` sigma adds
+    ``2 delta |chi| - delta^2`` instead of chi^2, so single wild pixels cannot dominate training."""
+    chi = (flux - model).abs() * ivar.sqrt()
+    return torch.where(chi <= delta, chi**2, 2 * delta * chi - delta**2).sum(dim=1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-spectrum KL(N(mu, exp(logvar)) || N(0, 1))."""
+    return 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def vae_loss(
+    model: SpectrumVAE,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    pixel_weight: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Negative ELBO per pixel with data: (robust chi2_w / 2 + beta KL) summed, / good pixels.
+
+    ``pixel_weight`` (npix,) multiplies ivar (emission-line up-weighting); pixels without data
+    contribute nothing whatever the reconstruction there. Without ``generator`` the latent is the
+    posterior mean (deterministic: validation).
+    """
+    recon, mu, logvar = model(flux, (ivar > 0).to(flux.dtype), generator)
+    data = 0.5 * robust_chi2(flux, ivar * pixel_weight, recon, model.config.huber_chi)
+    n_good = (ivar > 0).sum().clamp(min=1)
+    return (data + model.config.beta * kl_divergence(mu, logvar)).sum() / n_good
+
+
+def line_pixel_weight(config: VAEConfig, wave: np.ndarray) -> np.ndarray:
+    """(npix,) chi2 weights: ``line_weight`` inside the emission-line windows, 1 elsewhere."""
+    weight = np.ones(len(wave), dtype=np.float32)
+    half = config.line_half_width_kms / _C_KMS
+    for line in EMISSION_LINES:
+        weight[np.abs(wave / line - 1.0) <= half] = config.line_weight
+    return weight

@@ -1,0 +1,162 @@
+"""AnomalyEnsemble on synthetic VAE latents: ranking, rank normalisation, streaming, persistence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from desi_anomaly.errors import DesiAnomalyError
+from desi_anomaly.ml.detectors import (
+    SCORE_COLUMNS,
+    AnomalyEnsemble,
+    AnomalyInputError,
+    EnsembleConfig,
+    ModelFileError,
+    synthetic_latents,
+)
+
+SMALL = EnsembleConfig(iforest_estimators=50, knn_reference_size=2000, chunk_size=700)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return synthetic_latents(5000, seed=1, anomaly_fraction=0.005)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return synthetic_latents(3000, seed=2, anomaly_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def ensemble(train) -> AnomalyEnsemble:
+    return AnomalyEnsemble(SMALL).fit(train.latents, train.recon_rchi2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def scored(ensemble, test_set):
+    return ensemble.score(test_set.latents, test_set.recon_rchi2)
+
+
+def test_planted_anomalies_rank_high(scored, test_set):
+    y = test_set.is_anomaly
+    assert list(scored.columns) == list(SCORE_COLUMNS)
+    assert roc_auc_score(y, scored["ANOMALY_SCORE"]) > 0.9
+    top = np.argsort(-scored["ANOMALY_SCORE"].to_numpy())[:50]
+    assert y[top].mean() > 0.8  # anomalies are 5% of the set
+
+
+def test_tail_probabilities_are_rank_normalised(scored, test_set):
+    normal = scored[~test_set.is_anomaly]
+    for col in [c for c in SCORE_COLUMNS if c.startswith("TAILP_")]:
+        # a normal spectrum's tail probability is ~uniform: mean 1/2, 10% of them below 0.1
+        assert normal[col].mean() == pytest.approx(0.5, abs=0.04), col
+        assert (normal[col] < 0.1).mean() == pytest.approx(0.1, abs=0.03), col
+    # mean of -ln(uniform) over components is ~1 for normal spectra
+    assert normal["ANOMALY_SCORE"].mean() == pytest.approx(1.0, abs=0.1)
+
+
+def test_extreme_scores_stay_ordered_beyond_the_reference(ensemble, test_set):
+    latents = np.repeat(test_set.latents[:1], 4, axis=0)
+    rchi2 = np.array([1.0, 50.0, 500.0, 5000.0])
+    out = ensemble.score(latents, rchi2)
+    n_ref = ensemble.info["n_reference"]
+    assert out["TAILP_RECON"].iloc[1] < 1 / (n_ref + 1)  # extrapolated past the reference
+    assert np.all(np.diff(out["TAILP_RECON"]) < 0)
+    assert np.all(np.diff(out["ANOMALY_SCORE"]) > 0)
+
+
+def test_scores_do_not_depend_on_batching(ensemble, test_set):
+    whole = ensemble.score(test_set.latents, test_set.recon_rchi2)  # 5 internal chunks
+    cuts = [0, 1, 137, 1500, 3000]
+    parts = [
+        ensemble.score(test_set.latents[a:b], test_set.recon_rchi2[a:b])
+        for a, b in itertools.pairwise(cuts)
+    ]
+    np.testing.assert_allclose(
+        np.concatenate([p.to_numpy() for p in parts]), whole.to_numpy(), rtol=1e-5
+    )
+    empty = ensemble.score(test_set.latents[:0], test_set.recon_rchi2[:0])
+    assert list(empty.columns) == list(SCORE_COLUMNS) and len(empty) == 0
+
+
+def test_save_load_round_trip(ensemble, test_set, tmp_path):
+    path = tmp_path / "detector.joblib"
+    ensemble.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["detector.joblib"]  # no temporary left
+    loaded = AnomalyEnsemble.load(path, latent_dim=128)
+    assert loaded.info["n_train"] == 5000
+    assert loaded.info["config"]["knn_reference_size"] == 2000
+    assert {"numpy", "scikit-learn", "pyod", "desi_anomaly"} <= set(loaded.info["versions"])
+    json.dumps(loaded.info)  # plain JSON: usable as asset metadata
+    batch = slice(0, 500)
+    np.testing.assert_array_equal(
+        loaded.score(test_set.latents[batch], test_set.recon_rchi2[batch]).to_numpy(),
+        ensemble.score(test_set.latents[batch], test_set.recon_rchi2[batch]).to_numpy(),
+    )
+
+
+def test_load_rejects_other_latent_dimension_and_other_files(ensemble, tmp_path):
+    path = tmp_path / "detector.joblib"
+    ensemble.save(path)
+    with pytest.raises(ModelFileError, match="fitted on 128-d latents, expected 64-d"):
+        AnomalyEnsemble.load(path, latent_dim=64)
+    joblib.dump({"something": "else"}, tmp_path / "other.joblib")
+    with pytest.raises(ModelFileError, match=r"not a desi_anomaly\.AnomalyEnsemble file"):
+        AnomalyEnsemble.load(tmp_path / "other.joblib")
+    (tmp_path / "broken.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(ModelFileError, match=r"broken\.joblib: cannot be read"):
+        AnomalyEnsemble.load(tmp_path / "broken.joblib")
+    with pytest.raises(ModelFileError, match="no such file"):
+        AnomalyEnsemble.load(tmp_path / "missing.joblib")
+
+
+def test_wrong_latent_dimension_and_unfitted_use_are_errors(ensemble, test_set):
+    with pytest.raises(AnomalyInputError, match="fitted on 128-d latents, got 64-d"):
+        ensemble.score(test_set.latents[:10, :64], test_set.recon_rchi2[:10])
+    with pytest.raises(AnomalyInputError, match="recon_rchi2 must have shape"):
+        ensemble.score(test_set.latents[:10], test_set.recon_rchi2[:9])
+    with pytest.raises(DesiAnomalyError, match="before fit"):
+        AnomalyEnsemble(SMALL).score(test_set.latents[:10], test_set.recon_rchi2[:10])
+
+
+def test_non_finite_rows_are_counted_in_the_error(ensemble, train):
+    latents = train.latents.copy()
+    latents[[3, 10, 11], 5] = np.nan
+    rchi2 = train.recon_rchi2.copy()
+    rchi2[20] = np.inf
+    with pytest.raises(AnomalyInputError, match=r"4 of 5000 rows have non-finite .* row 3"):
+        AnomalyEnsemble(SMALL).fit(latents, rchi2, seed=0)
+    with pytest.raises(AnomalyInputError, match=r"3 of 100 rows"):
+        ensemble.score(latents[:100], train.recon_rchi2[:100])
+
+
+def test_too_few_training_rows_is_an_error(train):
+    with pytest.raises(AnomalyInputError, match=r"8 held out .* \(needs >= 50\)"):
+        AnomalyEnsemble(SMALL).fit(train.latents[:40], train.recon_rchi2[:40], seed=0)
+    knn_bound = EnsembleConfig(reference_fraction=0.9)
+    with pytest.raises(AnomalyInputError, match=r"KNN with n_neighbors=10 needs >= 11"):
+        AnomalyEnsemble(knn_bound).fit(train.latents[:70], train.recon_rchi2[:70], seed=0)
+
+
+def test_dead_latent_dimension_gives_finite_scores(train, test_set):
+    latents = train.latents.copy()
+    latents[:, 100] = 0.25  # a dead VAE unit: constant in training
+    ensemble = AnomalyEnsemble(SMALL).fit(latents, train.recon_rchi2, seed=0)
+    out = ensemble.score(test_set.latents[:200], test_set.recon_rchi2[:200])
+    assert np.isfinite(out.to_numpy()).all()
+
+
+def test_fit_is_reproducible_with_a_seed(train, test_set, ensemble):
+    again = AnomalyEnsemble(SMALL).fit(train.latents, train.recon_rchi2, seed=0)
+    batch = slice(0, 300)
+    np.testing.assert_allclose(
+        again.score(test_set.latents[batch], test_set.recon_rchi2[batch]).to_numpy(),
+        ensemble.score(test_set.latents[batch], test_set.recon_rchi2[batch]).to_numpy(),
+        rtol=1e-6,
+    )

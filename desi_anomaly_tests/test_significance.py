@@ -1,0 +1,161 @@
+"""Conformal p-values in S/N x z strata, Benjamini-Hochberg q-values, the S/N-dependence check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import kstest
+
+from desi_anomaly.errors import DesiAnomalyError
+from desi_anomaly.ml.detectors import AnomalyInputError, ModelFileError
+from desi_anomaly.ml.significance import (
+    ConformalCalibrator,
+    benjamini_hochberg,
+    snr_dependence,
+)
+
+SNR_EDGES = np.array([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, np.inf])
+Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 7.0])
+
+
+def normals(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of normal spectra whose level and spread grow with S/N and z (like RECON_RCHI2)."""
+    snr = np.clip(rng.lognormal(np.log(2.3), 1.05, n), 0.1, 200.0)
+    z = np.clip(rng.normal(1.7, 0.7, n), 0.05, 6.0)
+    score = 0.8 * np.log(snr) + 0.3 * z + (1 + 0.1 * snr**0.5) * rng.gumbel(size=n)
+    return score, snr, z
+
+
+def calibrated(seed: int, n_cal: int = 20_000, min_per_stratum: int = 300) -> ConformalCalibrator:
+    cal = normals(n_cal, np.random.default_rng(seed))
+    return ConformalCalibrator().fit(
+        *cal, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=min_per_stratum
+    )
+
+
+def test_null_pvalues_are_uniform_with_few_discoveries():
+    calibrator = calibrated(seed=1)
+    score, snr, z = normals(4000, np.random.default_rng(2))
+    p = calibrator.pvalues(score, snr, z)
+    assert kstest(p, "uniform").pvalue > 0.01
+    assert benjamini_hochberg(p, alpha=0.01).discoveries.sum() <= 3
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05])
+def test_realised_fdr_stays_below_alpha(alpha):
+    fdp, recall = [], []
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        # the smallest p-value is 1 / (n_stratum + 1): BH at q < alpha can only find ~1000 of 5000
+        # if p-values reach alpha * 1000 / 5000, i.e. in strata of >= ~1 / (0.2 * alpha) spectra
+        calibrator = calibrated(seed=200 + seed, n_cal=40_000, min_per_stratum=3000)
+        score, snr, z = normals(5000, rng)
+        is_anomaly = rng.random(score.size) < 0.2
+        score[is_anomaly] += rng.uniform(5.0, 20.0, is_anomaly.sum())
+        found = benjamini_hochberg(calibrator.pvalues(score, snr, z), alpha).discoveries
+        fdp.append((found & ~is_anomaly).sum() / max(found.sum(), 1))
+        recall.append((found & is_anomaly).sum() / is_anomaly.sum())
+    assert np.mean(fdp) <= alpha
+    assert np.mean(recall) > 0.6  # most anomalies are found: there is an FDR to control
+
+
+def test_stratification_restores_uniformity_within_an_snr_bin():
+    rng = np.random.default_rng(3)
+    cal = normals(20_000, rng)
+    pooled = ConformalCalibrator().fit(
+        *cal, snr_edges=[0.0, np.inf], z_edges=[0.0, 7.0], min_per_stratum=300
+    )
+    stratified = ConformalCalibrator().fit(
+        *cal, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=300
+    )
+    score, snr, z = normals(20_000, rng)
+    bright = snr >= 8.0  # ~9% of spectra: high S/N normals have high raw scores
+    assert bright.sum() > 1000
+    assert snr_dependence(score, snr) > 0.3
+    p_pooled = pooled.pvalues(score, snr, z)[bright]
+    p_strat = stratified.pvalues(score, snr, z)[bright]
+    assert kstest(p_pooled, "uniform").pvalue < 1e-6
+    assert np.median(p_pooled) < 0.3
+    assert kstest(p_strat, "uniform").pvalue > 0.01
+
+
+def test_sparse_bins_merge_with_neighbours():
+    # counts per (S/N bin, z bin); z bin totals 610, 100, 700, 50 with min_per_stratum=200
+    counts = np.array([[300, 50, 400, 20], [300, 50, 200, 20], [10, 0, 100, 10]])
+    snr_mid, z_mid = np.array([0.5, 1.5, 3.0]), np.array([0.5, 1.5, 2.5, 3.5])
+    i, j = np.nonzero(counts)
+    snr = np.repeat(snr_mid[i], counts[i, j])
+    z = np.repeat(z_mid[j], counts[i, j])
+    score = np.random.default_rng(4).normal(size=snr.size)
+    calibrator = ConformalCalibrator().fit(
+        score, snr, z, snr_edges=[0, 1, 2, 4], z_edges=[0, 1, 2, 3, 4], min_per_stratum=200
+    )
+    # z bins 1-3 form one group (100 + 700 + a short 50 at the top); within each z group the
+    # sparse top S/N bin joins the bin below it
+    np.testing.assert_array_equal(calibrator.stratum_of, [[0, 2, 2, 2], [1, 3, 3, 3], [1, 3, 3, 3]])
+    np.testing.assert_array_equal(calibrator.n_per_stratum, [300, 310, 470, 380])
+    assert calibrator.n_per_stratum.min() >= 200
+    # values outside the edges join the outer bins
+    np.testing.assert_array_equal(calibrator.stratum([100.0, -1.0], [-1.0, 9.0]), [1, 2])
+
+
+def test_pvalue_formula_on_a_small_example():
+    calibrator = ConformalCalibrator().fit(
+        [1.0, 2.0, 3.0, 4.0],
+        [1.0] * 4,
+        [1.0] * 4,
+        snr_edges=[0, 2],
+        z_edges=[0, 2],
+        min_per_stratum=1,
+    )
+    p = calibrator.pvalues([0.0, 2.0, 2.5, 4.0, 10.0], [1.0] * 5, [1.0] * 5)
+    np.testing.assert_allclose(p, [1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_calibrator_save_load_round_trip(tmp_path):
+    calibrator = calibrated(seed=5)
+    path = tmp_path / "calibrator.npz"
+    calibrator.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["calibrator.npz"]
+    loaded = ConformalCalibrator.load(path)
+    score, snr, z = normals(2000, np.random.default_rng(6))
+    np.testing.assert_array_equal(loaded.pvalues(score, snr, z), calibrator.pvalues(score, snr, z))
+    assert loaded.min_per_stratum == 300
+    np.savez(tmp_path / "other.npz", x=np.arange(3))
+    with pytest.raises(ModelFileError, match=r"other\.npz: cannot be read"):
+        ConformalCalibrator.load(tmp_path / "other.npz")
+    (tmp_path / "broken.npz").write_bytes(b"garbage")
+    with pytest.raises(ModelFileError, match=r"broken\.npz: cannot be read"):
+        ConformalCalibrator.load(tmp_path / "broken.npz")
+
+
+def test_bad_calibration_input_is_an_error():
+    score, snr, z = normals(1000, np.random.default_rng(7))
+    score[[5, 9]] = np.nan
+    with pytest.raises(AnomalyInputError, match="2 of 1000 rows have non-finite"):
+        ConformalCalibrator().fit(score, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES)
+    with pytest.raises(AnomalyInputError, match="min_per_stratum=2000"):
+        ConformalCalibrator().fit(
+            snr, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=2000
+        )
+    with pytest.raises(AnomalyInputError, match="strictly increasing"):
+        ConformalCalibrator().fit(snr, snr, z, snr_edges=[1.0, 1.0], z_edges=Z_EDGES)
+    with pytest.raises(DesiAnomalyError, match="before fit"):
+        ConformalCalibrator().pvalues(snr, snr, z)
+
+
+def test_benjamini_hochberg_q_values():
+    result = benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.2]), alpha=0.05)
+    np.testing.assert_allclose(result.qvalues, [0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    np.testing.assert_array_equal(result.discoveries, [True, False, False, False])
+    with pytest.raises(AnomalyInputError, match=r"\[0, 1\]"):
+        benjamini_hochberg(np.array([0.5, 1.5]))
+    with pytest.raises(AnomalyInputError, match="1 of 2 rows"):
+        benjamini_hochberg(np.array([0.5, np.nan]))
+
+
+def test_snr_dependence():
+    rng = np.random.default_rng(8)
+    snr = rng.lognormal(0.8, 1.0, 5000)
+    assert snr_dependence(np.log(snr) + rng.normal(0, 0.3, snr.size), snr) > 0.9
+    assert abs(snr_dependence(rng.normal(size=snr.size), snr)) < 0.05

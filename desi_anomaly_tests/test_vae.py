@@ -1,0 +1,261 @@
+"""The spectral VAE: model, loss, resumable training, checkpoints and encoding, on small shards.
+
+Shards are real-format cleaned shards (synthetic QSO spectra -> ``preprocess`` -> ``write_shard``)
+on a coarse 128-pixel rest-frame grid so that tiny models train in a second.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from desi_anomaly.ingest import write_cleaned_shard
+from desi_anomaly.ml import (
+    CheckpointError,
+    VAEConfig,
+    encode_partition,
+    encode_shard,
+    file_sha256,
+    latents_path,
+    load_checkpoint,
+    read_latents_info,
+    reconstruct,
+    train_vae,
+)
+from desi_anomaly.ml.vae import SpectrumVAE, line_pixel_weight, vae_loss
+from desi_anomaly.preprocess import PreprocessConfig, RestFrameGrid, preprocess
+from desi_anomaly.preprocess.synthetic import synthetic_spectra
+from desi_anomaly.shards import read_shard, write_shard
+
+GRID = RestFrameGrid.for_redshift_range(0.5, 3.0, npix=128)
+TINY = VAEConfig(
+    npix=128, latent_dim=6, channels=(8, 16, 16), epochs=6, patience=3, batch_size=32, lr=3e-3
+)
+
+
+def make_shard(path, key, n, seed, grid=GRID):
+    """A cleaned shard of ``n`` synthetic QSOs (varied z, S/N and slope) on ``grid``."""
+    rng = np.random.default_rng(seed)
+    spectra = synthetic_spectra(
+        n, rng, z=rng.uniform(0.5, 3.0, n), snr=rng.uniform(1, 8, n), alpha=rng.uniform(-2, -1, n)
+    )
+    spectra.meta["TARGETID"] += 10_000 * seed
+    spectra.meta.insert(1, "PARTITION", key)
+    config = PreprocessConfig(grid=grid, compute_features=False, min_coverage_pixels=20)
+    return write_cleaned_shard(path, preprocess(spectra, config), key, {})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, also when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae-shards")
+    return [
+        make_shard(root / f"main-dark-{10 + i}.parquet", f"main-dark-{10 + i}", 70, seed=i)
+        for i in range(4)
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """A tiny model trained on the first three shards (the fourth is held out)."""
+    out = tmp_path_factory.mktemp("vae")
+    return train_vae(shards[:3], out, replace(TINY, epochs=20))
+
+
+def test_config_round_trips_through_json_and_rejects_unknown_keys():
+    config = VAEConfig(latent_dim=16, channels=(4, 8), line_weight=3.0)
+    assert VAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown VAE config key"):
+        VAEConfig.from_dict({**config.to_dict(), "dropout": 0.1})
+
+
+def test_model_reconstructs_the_whole_grid_for_any_pixel_count():
+    config = VAEConfig(npix=250, latent_dim=5, channels=(4, 8, 8))
+    model = SpectrumVAE(config)
+    flux, good = torch.randn(3, 250), torch.zeros(3, 250)
+    good[:, 40:120] = 1.0  # partial coverage
+    recon, mu, logvar = model(flux, good)
+    assert recon.shape == (3, 250) and mu.shape == logvar.shape == (3, 5)
+
+
+def test_loss_ignores_pixels_without_data():
+    torch.manual_seed(0)
+    model = SpectrumVAE(TINY).eval()
+    flux, ivar = torch.rand(4, 128) + 0.5, torch.full((4, 128), 4.0)
+    ivar[:, :50] = 0.0
+    weight = torch.ones(128)
+    changed = flux.clone()
+    changed[:, :50] = 1e6
+    assert torch.equal(vae_loss(model, flux, ivar, weight), vae_loss(model, changed, ivar, weight))
+    assert not torch.equal(
+        vae_loss(model, flux, ivar * 2, weight), vae_loss(model, flux, ivar, weight)
+    )
+
+
+def test_line_weight_up_weights_emission_line_windows():
+    weight = line_pixel_weight(VAEConfig(npix=GRID.npix, line_weight=4.0), GRID.centres)
+    civ = np.argmin(np.abs(GRID.centres - 1549.0))
+    continuum = np.argmin(np.abs(GRID.centres - 1350.0))
+    assert weight[civ] == 4.0 and weight[continuum] == 1.0
+
+
+def test_training_lowers_validation_loss_and_beats_the_mean_spectrum(trained, shards):
+    vae = load_checkpoint(trained)
+    losses = [h["val_loss"] for h in vae.history]
+    assert min(losses) < 0.5 * losses[0]
+    held = read_shard(shards[3])
+    rchi2 = encode_shard(vae, held).column("RECON_RCHI2").to_numpy()
+    # Baseline: the ivar-weighted mean spectrum of the training shards.
+    train = [read_shard(p) for p in shards[:3]]
+    flux = np.concatenate([s.flux for s in train])
+    ivar = np.concatenate([s.ivar for s in train])
+    mean = (flux * ivar).sum(0) / np.maximum(ivar.sum(0), 1e-30)
+    base = ((held.flux - mean) ** 2 * held.ivar).sum(1) / (held.ivar > 0).sum(1)
+    assert np.median(rchi2) < 0.5 * np.median(base)
+
+
+def test_checkpoint_holds_everything_needed_to_resume_and_encode(trained, shards):
+    saved = torch.load(trained, weights_only=True)
+    for key in ("model_state", "best_model_state", "optimizer_state", "rng", "history"):
+        assert saved[key]
+    assert saved["grid"] == read_shard(shards[0]).info["grid"]
+    assert VAEConfig.from_dict(saved["config"]).epochs == 20
+    assert saved["finished"] and len(saved["history"]) == saved["epoch"]
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(shards, tmp_path):
+    straight = load_checkpoint(train_vae(shards[:2], tmp_path / "straight", TINY))
+
+    def stop_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(shards[:2], tmp_path / "resumed", TINY, progress=stop_after_epoch_2)
+    assert torch.load(tmp_path / "resumed" / "vae_checkpoint.pt", weights_only=True)["epoch"] == 2
+    resumed = load_checkpoint(train_vae(shards[:2], tmp_path / "resumed", TINY))
+
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history]
+    for name, weights in straight.model.state_dict().items():
+        assert torch.equal(weights, resumed.model.state_dict()[name]), name
+
+
+def test_finished_checkpoint_is_returned_unchanged(trained, shards):
+    before = file_sha256(trained)
+    assert train_vae(shards[:3], trained.parent, replace(TINY, epochs=20))
+    assert file_sha256(trained) == before
+
+
+def test_resume_with_another_config_is_refused(trained, shards):
+    with pytest.raises(CheckpointError, match="cannot resume: its config differs"):
+        train_vae(shards[:3], trained.parent, TINY)
+
+
+def test_checkpoint_of_another_grid_is_refused_naming_the_file(trained, tmp_path):
+    other = RestFrameGrid.for_redshift_range(0.0, 7.0, npix=128)
+    with pytest.raises(CheckpointError, match=r"vae_checkpoint\.pt.*rest-frame grid"):
+        load_checkpoint(trained, grid=other.to_dict())
+    shard = read_shard(make_shard(tmp_path / "main-dark-99.parquet", "main-dark-99", 10, 9, other))
+    with pytest.raises(CheckpointError, match=r"vae_checkpoint\.pt.*main-dark-99"):
+        encode_shard(load_checkpoint(trained), shard)
+
+
+def test_unreadable_checkpoint_is_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"broken\.pt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match=r"missing\.pt.*does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_encoding_writes_latents_with_provenance_and_skips_done_partitions(
+    trained, shards, tmp_path
+):
+    vae = load_checkpoint(trained)
+    result = encode_partition(vae, shards[3], tmp_path)
+    assert result.ok and not result.skipped and result.n_spectra == len(read_shard(shards[3]))
+    path = latents_path(tmp_path, "main-dark-13")
+    table = pq.read_table(path)
+    assert table.schema.field("LATENT").type.list_size == TINY.latent_dim
+    assert str(table.schema.field("LATENT").type.value_type) == "float"
+    assert set(table.column("PARTITION").to_pylist()) == {"main-dark-13"}
+    rchi2 = table.column("RECON_RCHI2").to_numpy()
+    expected = table.column("RECON_CHI2").to_numpy() / table.column("N_GOOD").to_numpy()
+    np.testing.assert_allclose(rchi2, expected)
+    info = read_latents_info(path)
+    assert info["checkpoint_sha256"] == file_sha256(trained) and info["partition"] == "main-dark-13"
+    assert encode_partition(vae, shards[3], tmp_path).skipped
+
+
+def test_a_different_checkpoint_re_encodes(trained, shards, tmp_path):
+    vae = load_checkpoint(trained)
+    encode_partition(vae, shards[3], tmp_path)
+    vae.sha256 = "0" * 64  # as if the checkpoint had been retrained
+    assert not encode_partition(vae, shards[3], tmp_path).skipped
+
+
+def test_reconstruct_returns_the_arrays_behind_the_chi2(trained, shards):
+    vae = load_checkpoint(trained)
+    shard = read_shard(shards[3])
+    table = encode_shard(vae, shard).to_pandas()
+    picked = table["TARGETID"].to_numpy()[[5, 2]]
+    rec = reconstruct(vae, shard, picked)
+    assert sorted(rec.targetid) == sorted(picked) and rec.model.shape == (2, TINY.npix)
+    chi2 = (rec.residual**2).sum(1)
+    expected = table.set_index("TARGETID").loc[rec.targetid, "RECON_CHI2"].to_numpy()
+    np.testing.assert_allclose(chi2, expected, rtol=1e-4)
+
+
+def test_empty_shard_gives_an_empty_latents_file(trained, tmp_path):
+    shard_path = write_shard(
+        tmp_path / "main-dark-5.parquet",
+        flux=np.zeros((0, 128), np.float32),
+        ivar=np.zeros((0, 128), np.float32),
+        coverage=np.zeros((0, 128), bool),
+        meta=pd.DataFrame({"TARGETID": np.array([], np.int64)}),
+        info={"partition": "main-dark-5", "grid": GRID.to_dict()},
+    )
+    result = encode_partition(load_checkpoint(trained), shard_path, tmp_path / "out")
+    assert result.ok and result.n_spectra == 0
+    table = pq.read_table(result.latents)
+    assert table.num_rows == 0 and table.schema.field("LATENT").type.list_size == TINY.latent_dim
+
+
+def test_non_finite_pixels_are_masked_not_propagated(trained, shards):
+    vae = load_checkpoint(trained)
+    shard = read_shard(shards[3])
+    flux, ivar = shard.flux.copy(), shard.ivar.copy()
+    row = int(np.argmax((ivar > 0).sum(1)))
+    good = np.flatnonzero(ivar[row] > 0)
+    flux[row, good[:5]] = np.nan
+    ivar[row, good[5:8]] = np.inf
+    broken = type(shard)(flux, ivar, shard.coverage, shard.meta, shard.info)
+    clean = encode_shard(vae, shard).to_pandas()
+    masked = encode_shard(vae, broken).to_pandas()
+    assert masked["N_GOOD"][row] == clean["N_GOOD"][row] - 8
+    assert np.isfinite(masked["RECON_CHI2"][row])
+    assert np.isfinite(np.stack(masked["LATENT"])).all()
+
+
+def test_fewer_spectra_than_a_batch(shards, tmp_path):
+    few = make_shard(tmp_path / "main-dark-7.parquet", "main-dark-7", 5, seed=7)
+    config = replace(TINY, batch_size=256, epochs=2)
+    vae = load_checkpoint(train_vae([few], tmp_path / "vae", config))
+    table = encode_shard(vae, read_shard(few), batch_size=256)
+    assert table.num_rows == len(read_shard(few)) > 0
