@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -41,17 +42,10 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _train_task(shards, out_dir, config_dict, resume, max_spectra, num_cpus) -> str:
+def _train_task(shards, out_dir, config_dict, num_cpus, options) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(num_cpus)
-    path = train_vae(
-        shards,
-        out_dir,
-        VAEConfig.from_dict(config_dict),
-        resume=resume,
-        max_spectra=max_spectra,
-        device=device,
-    )
+    path = train_vae(shards, out_dir, VAEConfig.from_dict(config_dict), device=device, **options)
     return str(path)
 
 
@@ -60,19 +54,17 @@ def train_on_ray(
     out_dir: str | Path,
     config: VAEConfig | None = None,
     *,
-    resume: bool = True,
-    max_spectra: int | None = None,
     num_cpus: int = 1,
+    **options: Any,
 ) -> Path:
     """Run ``train_vae`` as one Ray task (one GPU when the cluster has any, else ``num_cpus``
-    CPUs); the device is chosen inside the task. Returns the checkpoint path."""
+    CPUs); the device is chosen inside the task, ``options`` (resume, max_spectra, split) go to
+    ``train_vae``. Returns the checkpoint path."""
     config = config or VAEConfig()
     task = ray.remote(_train_task).options(
         num_cpus=num_cpus, num_gpus=1 if cluster_has_gpu() else 0, max_retries=0
     )
-    ref = task.remote(
-        [str(p) for p in shards], str(out_dir), config.to_dict(), resume, max_spectra, num_cpus
-    )
+    ref = task.remote([str(p) for p in shards], str(out_dir), config.to_dict(), num_cpus, options)
     return Path(ray.get(ref))
 
 

@@ -25,6 +25,7 @@ from desi_anomaly.atomic import atomic_path
 from desi_anomaly.errors import DesiAnomalyError
 from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import read_shard, read_shard_info
+from desi_anomaly.splits import assign_split
 
 from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_loss
 
@@ -68,17 +69,22 @@ def same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def sample_spectra(
-    shards: Sequence[Path], max_spectra: int | None, rng: np.random.Generator
+    shards: Sequence[Path],
+    max_spectra: int | None,
+    rng: np.random.Generator,
+    split: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Flux, ivar (cleaned by ``clean_inputs``) and grid of up to ``max_spectra`` spectra drawn
-    uniformly without replacement across ``shards``; only the drawn rows are kept in memory."""
+    uniformly without replacement across ``shards`` (only those of ``split`` when given, see
+    ``desi_anomaly.splits``); only the drawn rows are kept in memory."""
     if not shards:
         raise TrainingDataError("no training shards given")
     grid = read_shard_info(shards[0])["grid"]
     for path in shards[1:]:
         if not same_grid(read_shard_info(path)["grid"], grid):
             raise TrainingDataError(f"{path}: rest-frame grid differs from that of {shards[0]}")
-    counts = np.array([pq.read_metadata(p).num_rows for p in shards])
+    eligible = [_eligible_rows(p, split) for p in shards]
+    counts = np.array([len(rows) for rows in eligible])
     total = int(counts.sum())
     n = total if max_spectra is None else min(int(max_spectra), total)
     chosen = np.sort(rng.choice(total, n, replace=False))
@@ -88,14 +94,23 @@ def sample_spectra(
     ivar = np.empty((n, npix), dtype=np.float32)
     filled = 0
     for i, path in enumerate(shards):
-        rows = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
-        if len(rows) == 0:
+        picked = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
+        if len(picked) == 0:
             continue
+        rows = eligible[i][picked]
         shard = read_shard(path, meta_columns=["TARGETID"])
         sel = slice(filled, filled + len(rows))
         flux[sel], ivar[sel] = clean_inputs(shard.flux[rows], shard.ivar[rows])
         filled += len(rows)
     return flux, ivar, grid
+
+
+def _eligible_rows(path: Path, split: str | None) -> np.ndarray:
+    """Row numbers of ``path`` belonging to ``split`` (all rows when None)."""
+    if split is None:
+        return np.arange(pq.read_metadata(path).num_rows)
+    targetid = pq.read_table(path, columns=["TARGETID"])["TARGETID"].to_numpy()
+    return np.flatnonzero(assign_split(targetid) == split)
 
 
 def train_vae(
@@ -106,9 +121,11 @@ def train_vae(
     resume: bool = True,
     progress: Callable[[dict[str, float]], None] | None = None,
     max_spectra: int | None = None,
+    split: str | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Train the VAE on (a uniform sample of at most ``max_spectra``) spectra of ``shards``.
+    """Train the VAE on (a uniform sample of at most ``max_spectra``) spectra of ``shards``, only
+    those of ``split`` (``desi_anomaly.splits``) when given.
 
     ``max_spectra=None`` uses every spectrum (about 32 kB each at 4000 pixels): cap it for a full
     release. A checkpoint is written after every epoch; with ``resume`` an existing checkpoint of
@@ -120,7 +137,7 @@ def train_vae(
     shards = [Path(p) for p in shards]
     path = Path(out_dir) / CHECKPOINT_NAME
     rng = np.random.default_rng(config.seed)
-    flux, ivar, grid = sample_spectra(shards, max_spectra, rng)
+    flux, ivar, grid = sample_spectra(shards, max_spectra, rng, split)
     if int(grid["npix"]) != config.npix:
         raise TrainingDataError(f"shards have {grid['npix']} pixels, config.npix is {config.npix}")
     if len(flux) < 2:
@@ -129,6 +146,7 @@ def train_vae(
         "shards": [p.name for p in shards],
         "rows": [pq.read_metadata(p).num_rows for p in shards],
         "max_spectra": max_spectra,
+        "split": split,
     }
     order = rng.permutation(len(flux))
     n_val = min(max(1, round(config.val_fraction * len(flux))), len(flux) - 1)
