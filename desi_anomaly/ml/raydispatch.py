@@ -68,9 +68,15 @@ def train_on_ray(
     return Path(ray.get(ref))
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)
 class ShardEncoder:
-    """A Ray actor holding one loaded checkpoint; encodes shards one after another."""
+    """A Ray actor holding one loaded checkpoint; encodes shards one after another.
+
+    When its process or node dies, Ray restarts it (on any node with a free CPU) and re-runs the
+    calls that had not returned; encoding is idempotent (a partition already written with the same
+    checkpoint is skipped, files are renamed into place whole), so nothing is written twice.
+    Errors raised by the encoding itself are not retried.
+    """
 
     def __init__(self, checkpoint: str, threads: int):
         torch.set_num_threads(threads)
