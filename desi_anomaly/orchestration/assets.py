@@ -254,6 +254,7 @@ def cleaned_spectra(
     deps=[cleaned_spectra],
     group_name="model",
     kinds={"pytorch", "ray"},
+    pool="ray",
     owners=OWNERS,
     code_version=_code_version(1),
     description=(
@@ -305,6 +306,7 @@ def vae_checkpoint(
     deps=[cleaned_spectra, vae_checkpoint],
     group_name="model",
     kinds={"parquet", "ray"},
+    pool="ray",
     owners=OWNERS,
     code_version=_code_version(1),
     backfill_policy=backfill_policy,

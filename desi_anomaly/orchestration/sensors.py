@@ -53,13 +53,11 @@ BACKFILL_TAG = "desi_anomaly/backfill"
 ingest_partitions = dg.define_asset_job(
     "ingest_partitions",
     selection=[raw_spectra, cleaned_spectra],
-    partitions_def=healpix_partitions,
     description="Record, validate and clean the files of healpix partitions.",
 )
 rescore_all = dg.define_asset_job(
     "rescore_all",
     selection=[latents, anomaly_detector, anomaly_scores, anomaly_clusters, anomaly_catalog],
-    partitions_def=healpix_partitions,
     description=(
         "After a new checkpoint: re-encode and re-score every partition, refit the detector, "
         "rebuild clusters and catalog. Launch it over the whole partition range "
