@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,10 @@ def train_vae(
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
 
     torch.manual_seed(config.seed)
-    model = SpectrumVAE(config).to(device)
+    model = SpectrumVAE(config)
+    with torch.no_grad():
+        model.offset.copy_(torch.from_numpy(mean_spectrum(flux[train_idx], ivar[train_idx])))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     noise = torch.Generator().manual_seed(config.seed)
     weight = torch.from_numpy(line_pixel_weight(config, RestFrameGrid.from_dict(grid).centres)).to(
@@ -215,6 +219,16 @@ def train_vae(
         if progress is not None:
             progress(record)
     return path
+
+
+def mean_spectrum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """(npix,) median over the spectra with data at each pixel (1 where none has data): the
+    decoder's starting offset, so training begins from the mean spectrum, not from zero."""
+    values = np.where(ivar > 0, flux, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel columns
+        median = np.nanmedian(values, axis=0)
+    return np.where(np.isfinite(median), median, 1.0).astype(np.float32)
 
 
 def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
