@@ -8,6 +8,7 @@ second for 1.6M rows) within ``radius_arcsec`` (default 1 arcsec).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ def read_known_anomalies(
     name_column: str | None = None,
 ) -> pd.DataFrame:
     """Read a known-anomaly list as RA, DEC (deg), KNOWN_TYPE, KNOWN_NAME (strings, may be empty).
+
+    Exactly repeated rows (SQuAD I lists 168 objects twice) are dropped with a warning; entries at
+    one position with different types are kept.
 
     Columns are found by the names in RA_NAMES, DEC_NAMES, TYPE_NAMES and NAME_NAMES unless given.
     Raises KnownListError naming the file and the missing or invalid column.
@@ -84,6 +88,13 @@ def read_known_anomalies(
             raise KnownListError(f"{path}: no column {given!r}; columns are {cols}")
         out[target] = table[col].fillna("").astype(str).str.strip() if col else ""
     _check_coordinates(out["RA"].to_numpy(), out["DEC"].to_numpy(), f"{path}: columns {ra}/{dec}")
+    repeated = out.duplicated()
+    if repeated.any():
+        warnings.warn(
+            f"{path}: {int(repeated.sum())} repeated row(s) (same position, type and name) dropped",
+            stacklevel=2,
+        )
+        out = out[~repeated].reset_index(drop=True)
     return out
 
 
@@ -112,8 +123,9 @@ def crossmatch_known(
     """Nearest known anomaly within ``radius_arcsec`` of each row of ``scores``.
 
     Returns one row per row of ``scores`` (same order): TARGETID, KNOWN_TYPE and KNOWN_NAME (empty
-    strings when unmatched), KNOWN_SEP_ARCSEC (NaN when unmatched) and KNOWN_INDEX (row of
-    ``known``, -1 when unmatched). Rows without a finite position are unmatched.
+    strings when unmatched; the distinct values of every entry within the radius, nearest first,
+    joined by '; '), KNOWN_SEP_ARCSEC (to the nearest, NaN when unmatched) and KNOWN_INDEX (row
+    of ``known`` of the nearest, -1 when unmatched). Rows without a finite position are unmatched.
     """
     for col in ("TARGETID", "TARGET_RA", "TARGET_DEC"):
         if col not in scores:
@@ -140,19 +152,33 @@ def crossmatch_known(
         rows = np.flatnonzero(finite)[hit]
         index[rows] = idx[hit]
         sep[rows] = np.degrees(2.0 * np.arcsin(np.clip(dist[hit] / 2.0, 0, 1))) * 3600.0
-    matched = index >= 0
-    types = known["KNOWN_TYPE"].astype(str).to_numpy()
-    names = known["KNOWN_NAME"].astype(str).to_numpy()
-    safe = np.maximum(index, 0)
+    types = np.full(n, "", dtype=object)
+    names = np.full(n, "", dtype=object)
+    rows = np.flatnonzero(index >= 0)
+    if len(rows):
+        all_types = known["KNOWN_TYPE"].astype(str).to_numpy()
+        all_names = known["KNOWN_NAME"].astype(str).to_numpy()
+        near = tree.query_ball_point(
+            unit_vectors(ra[rows], dec[rows]), _chord(radius_arcsec) * (1 + 1e-9)
+        )
+        for row, entries in zip(rows, near, strict=True):
+            entries = [index[row], *sorted(set(entries) - {index[row]})]
+            types[row] = _join(all_types[entries])
+            names[row] = _join(all_names[entries])
     return pd.DataFrame(
         {
             "TARGETID": scores["TARGETID"].to_numpy(),
-            "KNOWN_TYPE": np.where(matched, types[safe] if len(known) else "", ""),
-            "KNOWN_NAME": np.where(matched, names[safe] if len(known) else "", ""),
+            "KNOWN_TYPE": types.astype(str),
+            "KNOWN_NAME": names.astype(str),
             "KNOWN_SEP_ARCSEC": sep,
             "KNOWN_INDEX": index,
         }
     )
+
+
+def _join(values: np.ndarray) -> str:
+    """Distinct non-empty values in order, joined by '; '."""
+    return "; ".join(dict.fromkeys(v for v in values if v))
 
 
 def known_recovery(
@@ -165,20 +191,22 @@ def known_recovery(
     """One row per known anomaly: KNOWN_NAME, KNOWN_TYPE, RA, DEC, MATCHED, TARGETID (-1 when not
     matched), SEP_ARCSEC, RANK and Q_VALUE (when ``scores`` has them, else NaN) and RECOVERED
     (matched with Q_VALUE < ``alpha``). The closest scored spectrum represents each known one."""
-    matches = crossmatch_known(scores, known, radius_arcsec=radius_arcsec)
-    hit = np.flatnonzero(matches["KNOWN_INDEX"].to_numpy() >= 0)
-    pairs = pd.DataFrame(
-        {
-            "KNOWN_INDEX": matches["KNOWN_INDEX"].to_numpy()[hit],
-            "ROW": hit,
-            "SEP": matches["KNOWN_SEP_ARCSEC"].to_numpy()[hit],
-        }
-    )
-    best = pairs.sort_values(["KNOWN_INDEX", "SEP"], kind="stable").drop_duplicates("KNOWN_INDEX")
+    matches = crossmatch_known(scores, known, radius_arcsec=radius_arcsec)  # validates inputs
     row_of = np.full(len(known), -1, dtype=np.int64)
-    row_of[best["KNOWN_INDEX"].to_numpy()] = best["ROW"].to_numpy()
     sep_of = np.full(len(known), np.nan)
-    sep_of[best["KNOWN_INDEX"].to_numpy()] = best["SEP"].to_numpy()
+    ra = scores["TARGET_RA"].to_numpy(np.float64)
+    dec = scores["TARGET_DEC"].to_numpy(np.float64)
+    finite = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    if len(known) and len(finite) and (matches["KNOWN_INDEX"] >= 0).any():
+        tree = cKDTree(unit_vectors(ra[finite], dec[finite]))
+        dist, idx = tree.query(
+            unit_vectors(known["RA"].to_numpy(), known["DEC"].to_numpy()),
+            k=1,
+            distance_upper_bound=_chord(radius_arcsec),
+        )
+        hit = np.isfinite(dist)
+        row_of[hit] = finite[idx[hit]]
+        sep_of[hit] = np.degrees(2.0 * np.arcsin(np.clip(dist[hit] / 2.0, 0, 1))) * 3600.0
     matched = row_of >= 0
     safe = np.maximum(row_of, 0)
 
