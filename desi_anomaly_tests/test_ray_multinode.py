@@ -178,8 +178,8 @@ def test_every_node_is_a_separate_raylet_bound_to_loopback(cluster):
     assert ray.cluster_resources()["CPU"] == 3
     raylets = {n.all_processes["raylet"][0].process.pid for n in [cl.head_node, *workers]}
     assert len(raylets) == 3
-    # Every TCP socket the cluster's processes (and their children) listen on is on 127.0.0.1.
-    listening = _listening_addresses(_with_descendants(_node_pids(cl)))
+    # Every TCP socket the driver, the nodes and their children listen on is on 127.0.0.1.
+    listening = _listening_addresses(_with_descendants(_node_pids(cl) | {os.getpid()}))
     assert listening and set(listening) == {LOOPBACK}
 
 
