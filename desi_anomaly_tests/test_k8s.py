@@ -255,6 +255,115 @@ def test_every_pod_spec_validates_against_the_kubernetes_schemas(workloads):
 # --- the KubeRay cluster --------------------------------------------------------------------
 
 
+# The part of KubeRay's RayCluster CRD (ray.io/v1) this deployment uses; unknown fields fail.
+# Pod templates are validated against the core Pod schema separately.
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+    "additionalProperties": False,
+}
+RAYCLUSTER_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayCluster"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "namespace": {"type": "string"},
+                "labels": _STRING_MAP,
+            },
+            "additionalProperties": False,
+        },
+        "spec": {
+            "type": "object",
+            "required": ["rayVersion", "headGroupSpec", "workerGroupSpecs"],
+            "additionalProperties": False,
+            "properties": {
+                "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+                "enableInTreeAutoscaling": {"type": "boolean"},
+                "autoscalerOptions": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                        "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                        "image": {"type": "string"},
+                        "resources": {"type": "object"},
+                        "securityContext": {"type": "object"},
+                        "env": {"type": "array"},
+                        "envFrom": {"type": "array"},
+                        "volumeMounts": {"type": "array"},
+                    },
+                },
+                "headGroupSpec": {
+                    "type": "object",
+                    "required": ["template"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                        "rayStartParams": _STRING_MAP,
+                        "template": _TEMPLATE,
+                    },
+                },
+                "workerGroupSpecs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["groupName", "template"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "groupName": {"type": "string"},
+                            "replicas": {"type": "integer", "minimum": 0},
+                            "minReplicas": {"type": "integer", "minimum": 0},
+                            "maxReplicas": {"type": "integer", "minimum": 0},
+                            "rayStartParams": _STRING_MAP,
+                            "template": _TEMPLATE,
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_raycluster_matches_the_crd_fields_it_uses(raycluster):
+    import jsonschema
+
+    jsonschema.validate(strip(raycluster), RAYCLUSTER_SCHEMA)
+    typo = strip(raycluster)
+    typo["spec"] = {**typo["spec"], "workerGroupSpec": typo["spec"]["workerGroupSpecs"]}
+    with pytest.raises(jsonschema.ValidationError, match="workerGroupSpec"):
+        jsonschema.validate(typo, RAYCLUSTER_SCHEMA)
+
+
+def test_ray_autoscaler_container_settings_are_valid_kubernetes(raycluster):
+    options = raycluster["spec"]["autoscalerOptions"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "autoscaler"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "autoscaler",
+                    "image": "autoscaler:1",
+                    "resources": options["resources"],
+                    "securityContext": options["securityContext"],
+                }
+            ]
+        },
+    }
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
 def test_raycluster_structure(raycluster):
     assert raycluster["apiVersion"] == "ray.io/v1"
     assert raycluster["kind"] == "RayCluster"
@@ -356,7 +465,7 @@ def instance_config(values: dict) -> dict:
     monitoring = daemon["runMonitoring"]
     retention = values["retention"]
     concurrency = values["concurrency"]
-    return {
+    rendered = {
         "run_storage": {
             "module": "dagster_postgres.run_storage",
             "class": "PostgresRunStorage",
@@ -406,6 +515,10 @@ def instance_config(values: dict) -> dict:
         },
         "concurrency": {"pools": {"default_limit": concurrency["pools"]["defaultLimit"]}},
     }
+    additional = values.get("additionalInstanceConfig") or {}
+    clash = set(additional) & set(rendered)
+    assert not clash, f"additionalInstanceConfig repeats keys the chart renders: {clash}"
+    return {**rendered, **additional}
 
 
 @pytest.fixture
@@ -434,6 +547,9 @@ def test_instance_config_validates_against_dagsters_schema(values, chart_env):
 
     processed = _assert_valid(dagster_instance_config_schema(), instance_config(values))
     assert processed["run_launcher"]["class"] == "K8sRunLauncher"
+    # What Dagster writes locally goes to the writable /tmp, not the read-only DAGSTER_HOME.
+    artifacts = processed["local_artifact_storage"]["config"]["base_dir"]
+    assert artifacts.startswith("/tmp/")
     # And the schema check is real: a misspelt field is refused.
     from dagster._config import process_config
 
