@@ -269,16 +269,25 @@ def vae_checkpoint(
     settings: PipelineSettings,
     ray_cluster: RayResource,  # connected for the step: training runs as a Ray task
 ):
-    from desi_anomaly.ml.training import load_checkpoint
+    from desi_anomaly.ml.training import CheckpointError, load_checkpoint
 
     layout = storage.layout
     keys = keys_with(context, layout.cleaned, what="a cleaned shard")
     config = settings.vae_config()
     context.log.info(f"training on {len(keys)} partitions with {config}")
     try:
-        path = discovery.train_checkpoint(
-            layout, keys, config, max_spectra=settings.max_train_spectra
-        )
+        try:
+            path = discovery.train_checkpoint(
+                layout, keys, config, max_spectra=settings.max_train_spectra
+            )
+        except CheckpointError as exc:
+            if "cannot resume" not in str(exc):
+                raise
+            # Another config or other shards than the saved checkpoint: train from scratch.
+            context.log.info(f"starting over: {exc}")
+            path = discovery.train_checkpoint(
+                layout, keys, config, max_spectra=settings.max_train_spectra, resume=False
+            )
     except DesiAnomalyError as exc:
         raise dg.Failure(description=f"training failed: {exc}") from exc
     trained = load_checkpoint(path)

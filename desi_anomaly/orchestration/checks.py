@@ -189,20 +189,23 @@ def scores_check_results(paths: Sequence[Path]):
 
 
 def all_scores(layout, keys: Sequence[str], paths: dict[str, Path]) -> pd.DataFrame:
-    """Every scored spectrum: the catalog stage's merged scores file when it has q-values, else
-    the per-partition score files."""
-    wanted = ["TARGETID", "SPLIT", "RECON_RCHI2", "P_VALUE", "Q_VALUE"]
-    merged = paths.get("scores")
-    if merged is not None and Path(merged).is_file():
-        names = pq.read_schema(merged).names
-        if "Q_VALUE" in names:
-            return pd.read_parquet(merged, columns=[c for c in wanted if c in names])
+    """SPLIT, RECON_RCHI2 and P_VALUE of every scored spectrum (per-partition score files), with
+    Q_VALUE from the catalog stage's merged scores file when it has them."""
+    wanted = ["TARGETID", "PARTITION", "SPLIT", "RECON_RCHI2", "P_VALUE"]
     frames = []
     for key in keys:
         path = layout.scores(key)
         names = pq.read_schema(path).names
         frames.append(pd.read_parquet(path, columns=[c for c in wanted if c in names]))
-    return pd.concat(frames, ignore_index=True)
+    scores = pd.concat(frames, ignore_index=True)
+    merged = paths.get("scores")
+    if merged is not None and Path(merged).is_file():
+        names = pq.read_schema(merged).names
+        on = [c for c in ("TARGETID", "PARTITION") if c in names and c in scores]
+        if "Q_VALUE" in names and "TARGETID" in on:
+            q = pd.read_parquet(merged, columns=[*on, "Q_VALUE"])
+            scores = scores.merge(q, on=on, how="left", validate="one_to_one")
+    return scores
 
 
 def reconstruction_accuracy(scores: pd.DataFrame, alpha: float, rchi2_max: float):
