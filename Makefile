@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo ui test lint format bench clean
 
 install: $(STAMP)
 
@@ -16,8 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Generate a mock DESI data drop and materialise every asset through Dagster on it.
 demo: install
 	$(VENV)/bin/desi-anomaly demo --out demo-out
+
+# The Dagster UI (webserver + daemon) on 127.0.0.1:3000, over the demo's instance and outputs.
+ui: install
+	mkdir -p demo-out/.dagster
+	cp dagster.yaml demo-out/.dagster/dagster.yaml
+	DAGSTER_HOME=$(CURDIR)/demo-out/.dagster \
+	DESI_ANOMALY_DATA_ROOT=$(CURDIR)/demo-out/data \
+	DESI_ANOMALY_STORAGE_ROOT=$(CURDIR)/demo-out \
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: install
 	$(VENV)/bin/ruff check .

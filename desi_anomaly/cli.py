@@ -45,20 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser(
+        "run", help="materialise every asset through Dagster on a data root (embedded default)"
+    )
+    p.add_argument("root", type=Path, help="data root in the DESI release layout")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("demo", help="generate a mock data drop and run the pipeline on it")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
-    _add_mock_arguments(p, tiles=8, per_tile=150)
+    _add_mock_arguments(p, tiles=DEMO_TILES, per_tile=DEMO_PER_TILE, others=DEMO_OTHERS)
+    _add_run_arguments(p, epochs=DEMO_EPOCHS)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def _add_mock_arguments(p: argparse.ArgumentParser, tiles: int = 4, per_tile: int = 120) -> None:
+#: Demo size: enough spectra for the conformal p-values to resolve q < 0.01 (see
+#: ``desi_anomaly.splits``), small enough to run in minutes on two cores.
+DEMO_TILES, DEMO_PER_TILE, DEMO_OTHERS, DEMO_EPOCHS = 40, 150, 100, 8
+
+
+def _add_mock_arguments(
+    p: argparse.ArgumentParser, tiles: int = 4, per_tile: int = 120, others: int = 300
+) -> None:
     p.add_argument("--tiles", type=int, default=tiles, help="healpix files to write")
     p.add_argument("--per-tile", type=int, default=per_tile, help="QSOs per file")
-    p.add_argument("--others", type=int, default=300, help="non-QSO targets per file")
+    p.add_argument("--others", type=int, default=others, help="non-QSO targets per file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly-fraction", type=float, default=0.05)
     p.add_argument("--resolution", action="store_true", help="include RESOLUTION HDUs")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, epochs: int | None = None) -> None:
+    p.add_argument("--alpha", type=float, default=0.01, help="FDR level of the catalog")
+    p.add_argument("--epochs", type=int, default=epochs, help="VAE training epochs")
+    p.add_argument("--max-train", type=int, default=200_000, help="cap on VAE training spectra")
+    p.add_argument("--known-anomalies", type=Path, help="known unusual QSOs (CSV with RA, DEC)")
 
 
 def _add_ingest_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,15 +195,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return status
 
 
+def _run(root: Path, out: Path, args: argparse.Namespace) -> int:
+    from desi_anomaly.orchestration.resources import PipelineSettings
+    from desi_anomaly.orchestration.run import run_all
+
+    settings = PipelineSettings(
+        alpha=args.alpha,
+        vae_epochs=args.epochs,
+        max_train_spectra=args.max_train,
+        known_anomalies=str(args.known_anomalies) if args.known_anomalies else None,
+    )
+    return 0 if run_all(root, out, settings=settings).success else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args.root, args.out, args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     data = args.out / "data"
-    print(f"1/2 generating a mock DESI data drop in {data}", file=sys.stderr)
-    print(_describe_drop(_generate(args, data)), file=sys.stderr)
-    print("2/2 reading, selecting and preprocessing the QSO spectra", file=sys.stderr)
-    start = time.perf_counter()
-    results = _ingest(data, args.out, None, None)
-    status = _print_ingest_summary(results, time.perf_counter() - start)
-    print(f"cleaned shards in {args.out / 'cleaned'}; truth table in {data / 'truth.parquet'}")
+    if (data / "truth.parquet").exists():
+        print(f"reusing the mock DESI data drop in {data}", file=sys.stderr)
+    else:
+        print(f"generating a mock DESI data drop in {data}", file=sys.stderr)
+        print(_describe_drop(_generate(args, data)), file=sys.stderr)
+    status = _run(data, args.out, args)
+    print(f"truth table of the injected anomalies: {data / 'truth.parquet'}")
     return status
 
 

@@ -3,8 +3,9 @@
 Latents file (``{out_dir}/latents/{key}.parquet``, one per partition, written atomically): columns
 TARGETID (int64), PARTITION (string), LATENT (fixed-size list of ``latent_dim`` float32, the
 posterior mean), RECON_CHI2 (float64, chi2 of the reconstruction from the posterior mean over the
-pixels with data), N_GOOD (int32, pixels with finite flux and ivar > 0), RECON_RCHI2 (float64,
-RECON_CHI2 / N_GOOD, NaN when N_GOOD is 0). Key-value metadata ``desi_anomaly`` (JSON): schema name
+pixels with data, with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
+pixels with finite flux and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD
+is 0). Key-value metadata ``desi_anomaly`` (JSON): schema name
 and version, code version, partition, checkpoint path and sha256, grid, latent_dim.
 """
 
@@ -43,7 +44,7 @@ class Reconstructions:
     targetid: np.ndarray  # (n,) int64
     wave: np.ndarray  # (npix,) rest-frame pixel centres, Angstrom
     flux: np.ndarray  # (n, npix) float32, 0 where there is no data
-    ivar: np.ndarray  # (n, npix) float32, 0 where there is no data
+    ivar: np.ndarray  # (n, npix) float32 effective ivar (forest variance included), 0: no data
     model: np.ndarray  # (n, npix) float32 reconstruction (from the posterior mean) on the grid
 
     @property
@@ -89,7 +90,8 @@ def _check_shard(vae: TrainedVAE, shard: Shard) -> None:
 def _batched_forward(
     vae: TrainedVAE, flux: np.ndarray, ivar: np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch: posterior mean, reconstruction, chi2 and number of good pixels."""
+    """Per batch: posterior mean, reconstruction, chi2, number of good pixels and the effective
+    ivar (forest variance included) that the chi2 uses."""
     device = next(vae.model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(flux), batch_size):
@@ -98,11 +100,13 @@ def _batched_forward(
             good = (iv_t > 0).to(f_t.dtype)
             mu, _ = vae.model.encode(f_t, good)
             recon = vae.model.decode(mu)
+            iv_eff = vae.model.effective_ivar(iv_t.double(), recon.double())
             yield (
                 mu.cpu().numpy(),
                 recon.cpu().numpy(),
-                chi2(f_t.double(), iv_t.double(), recon.double()).cpu().numpy(),
+                chi2(f_t.double(), iv_eff, recon.double()).cpu().numpy(),
                 good.sum(dim=1).cpu().numpy().astype(np.int32),
+                iv_eff.float().cpu().numpy(),
             )
 
 
@@ -118,7 +122,7 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = 256) -> pa.
     recon_chi2 = np.empty(n, dtype=np.float64)
     n_good = np.empty(n, dtype=np.int32)
     start = 0
-    for mu, _, c2, ng in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
+    for mu, _, c2, ng, _ in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
         sel = slice(start, start + len(mu))
         latent[sel], recon_chi2[sel], n_good[sel] = mu, c2, ng
         start += len(mu)
@@ -144,10 +148,12 @@ def reconstruct(
     tid = shard.meta["TARGETID"].to_numpy(dtype=np.int64)
     rows = np.arange(len(tid)) if targetids is None else np.flatnonzero(np.isin(tid, targetids))
     flux, ivar = clean_inputs(shard.flux[rows], shard.ivar[rows])
-    parts = [r for _, r, _, _ in _batched_forward(vae, flux, ivar, batch_size)]
-    model = np.concatenate(parts) if parts else np.zeros((0, vae.config.npix), np.float32)
+    parts = [(r, iv) for _, r, _, _, iv in _batched_forward(vae, flux, ivar, batch_size)]
+    empty = np.zeros((0, vae.config.npix), np.float32)
+    model = np.concatenate([r for r, _ in parts]) if parts else empty
+    ivar_eff = np.concatenate([iv for _, iv in parts]) if parts else empty
     wave = RestFrameGrid.from_dict(vae.grid).centres
-    return Reconstructions(tid[rows], wave, flux, ivar, model)
+    return Reconstructions(tid[rows], wave, flux, ivar_eff, model)
 
 
 def write_latents(table: pa.Table, path: str | Path, vae: TrainedVAE, partition: str) -> Path:

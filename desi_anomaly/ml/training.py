@@ -32,7 +32,7 @@ from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_lo
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointError(DesiAnomalyError):
@@ -155,6 +155,7 @@ def train_vae(
 
     torch.manual_seed(config.seed)
     model = SpectrumVAE(config)
+    model.set_grid(RestFrameGrid.from_dict(grid).centres)
     with torch.no_grad():
         model.offset.copy_(torch.from_numpy(mean_spectrum(flux[train_idx], ivar[train_idx])))
     model = model.to(device)

@@ -33,7 +33,11 @@ class VAEConfig:
     strongest normal line peak) so a broken normalisation cannot blow up activations.
     ``huber_chi``: residual (in sigma) beyond which a pixel's training loss grows only linearly.
     ``line_weight``: factor on the chi2 weight of pixels within ``line_half_width_kms`` of
-    ``EMISSION_LINES`` (1 = no up-weighting). ``patience``: epochs without a better validation loss
+    ``EMISSION_LINES`` (1 = no up-weighting). ``forest_var``: variance of the Lyman-alpha forest
+    transmission fluctuations, as a fraction of the squared model flux, added to the noise of
+    pixels blueward of ``forest_max_wave`` (rest A): the forest is stochastic intergalactic
+    absorption that no model of the quasar reproduces (DESI's Lya analyses call it var_lss).
+    ``patience``: epochs without a better validation loss
     before early stopping.
     """
 
@@ -46,6 +50,8 @@ class VAEConfig:
     input_clip: float = 50.0
     line_weight: float = 1.0
     line_half_width_kms: float = 10_000.0
+    forest_var: float = 0.1
+    forest_max_wave: float = 1200.0
     lr: float = 1e-3
     batch_size: int = 16
     epochs: int = 30
@@ -110,6 +116,20 @@ class SpectrumVAE(nn.Module):
         )
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
+        # Per-pixel extra variance as a fraction of model^2 (the forest term); set from the grid.
+        self.register_buffer("extra_var", torch.zeros(config.npix))
+
+    def set_grid(self, wave: np.ndarray) -> None:
+        """Fill the per-pixel extra variance for rest-frame pixel centres ``wave`` (Angstrom)."""
+        forest = np.asarray(wave) < self.config.forest_max_wave
+        extra = np.where(forest, self.config.forest_var, 0.0).astype(np.float32)
+        self.extra_var.copy_(torch.from_numpy(extra))
+
+    def effective_ivar(self, ivar: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """``ivar`` with the extra variance ``extra_var * model^2`` added (model not differentiated:
+        training cannot lower its chi2 by inflating the forest)."""
+        extra = self.extra_var * model.detach() ** 2
+        return ivar / (1.0 + ivar * extra.to(ivar.dtype))
 
     def encode(self, flux: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, each (n, latent_dim)."""
@@ -177,12 +197,15 @@ def vae_loss(
 ) -> torch.Tensor:
     """Negative ELBO per pixel with data: (robust chi2_w / 2 + beta KL) summed, / good pixels.
 
+    chi2_w uses the model's effective ivar (forest variance included) times ``pixel_weight``.
+
     ``pixel_weight`` (npix,) multiplies ivar (emission-line up-weighting); pixels without data
     contribute nothing whatever the reconstruction there. Without ``generator`` the latent is the
     posterior mean (deterministic: validation).
     """
     recon, mu, logvar = model(flux, (ivar > 0).to(flux.dtype), generator)
-    data = 0.5 * robust_chi2(flux, ivar * pixel_weight, recon, model.config.huber_chi)
+    ivar_eff = model.effective_ivar(ivar, recon) * pixel_weight
+    data = 0.5 * robust_chi2(flux, ivar_eff, recon, model.config.huber_chi)
     n_good = (ivar > 0).sum().clamp(min=1)
     return (data + model.config.beta * kl_divergence(mu, logvar)).sum() / n_good
 
