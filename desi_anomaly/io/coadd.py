@@ -16,7 +16,13 @@ import numpy as np
 import pandas as pd
 
 from desi_anomaly.errors import DesiFormatError
-from desi_anomaly.io.fitsutil import hdu_names, open_fits, read_table, require_hdus
+from desi_anomaly.io.fitsutil import (
+    hdu_names,
+    open_fits,
+    read_columns,
+    read_image_rows,
+    require_hdus,
+)
 from desi_anomaly.io.instrument import ARMS
 from desi_anomaly.io.redshifts import QSOCatalog, _check_unique, read_redrock
 from desi_anomaly.spectra import ObservedSpectra
@@ -71,20 +77,20 @@ def read_qso_spectra(
     zinfo = read_redrock(redrock) if redrock is not None else None
     with open_fits(coadd) as fits:
         require_hdus(fits, coadd, COADD_HDUS)
-        fibermap = read_table(fits, coadd, "FIBERMAP", ("TARGETID",), FIBERMAP_OPTIONAL)
-        tid = fibermap["TARGETID"].to_numpy(np.int64)
-        _check_unique(tid, coadd, "FIBERMAP")
-        meta = _attach_redshifts(fibermap, zinfo, catalog, selection, coadd, redrock)
-        rows = np.flatnonzero(meta.pop("_SELECTED").to_numpy())
-        meta = meta.iloc[rows].reset_index(drop=True)
-        meta = _attach_exposures(fits, coadd, meta)
+        fibermap = read_columns(fits, coadd, "FIBERMAP", ("TARGETID",), FIBERMAP_OPTIONAL)
+        nfib = len(fibermap["TARGETID"])
+        _check_unique(fibermap["TARGETID"], coadd, "FIBERMAP")
+        columns, rows = _select_rows(fibermap, zinfo, catalog, selection, coadd, redrock)
+        exposures = _latest_exposures(fits, coadd, columns["TARGETID"])
+        columns = {c: v for c, v in columns.items() if c not in exposures} | exposures
         wave, flux, ivar, mask, n_invalid = _read_merged_arms(fits, coadd, rows, strict)
         resolution = (
-            {arm: _read_rows(fits, coadd, f"{arm}_RESOLUTION", rows, len(tid)) for arm in ARMS}
+            {arm: _read_rows(fits, coadd, f"{arm}_RESOLUTION", rows, nfib) for arm in ARMS}
             if with_resolution and all(f"{a}_RESOLUTION" in hdu_names(fits) for a in ARMS)
             else None
         )
-    meta["N_INVALID_PIX"] = n_invalid
+    columns["N_INVALID_PIX"] = n_invalid
+    meta = pd.DataFrame(columns)
     sources = {"coadd": str(coadd)}
     if redrock is not None:
         sources["redrock"] = str(redrock)
@@ -93,90 +99,125 @@ def read_qso_spectra(
     return ObservedSpectra(wave, flux, ivar, mask, meta, sources, resolution)
 
 
-def _attach_redshifts(
-    fibermap: pd.DataFrame,
+def _select_rows(
+    fibermap: dict[str, np.ndarray],
     zinfo: pd.DataFrame | None,
     catalog: QSOCatalog | None,
     selection: QSOSelection,
     coadd: Path,
     redrock: str | Path | None,
-) -> pd.DataFrame:
-    """Join redshift information on TARGETID and mark the selected rows in ``_SELECTED``."""
-    meta = fibermap.copy()
-    tid = meta["TARGETID"].to_numpy(np.int64)
-    selected = np.ones(len(meta), dtype=bool)
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The selected coadd rows (sorted) and their meta columns: FIBERMAP joined with redshifts."""
+    tid = fibermap["TARGETID"].astype(np.int64, copy=False)
+    selected = np.ones(len(tid), dtype=bool)
     if zinfo is not None:
-        ztid = zinfo["TARGETID"].to_numpy(np.int64)
-        if len(ztid) != len(tid) or not np.array_equal(np.sort(ztid), np.sort(tid)):
-            only_coadd = np.setdiff1d(tid, ztid)
-            only_rr = np.setdiff1d(ztid, tid)
-            raise DesiFormatError(
-                coadd,
-                f"TARGETID mismatch with redrock file {redrock}: {len(only_coadd)} only in the "
-                f"coadd (e.g. {only_coadd[:3].tolist()}), {len(only_rr)} only in redrock "
-                f"(e.g. {only_rr[:3].tolist()})",
-            )
-        meta = meta.merge(zinfo, on="TARGETID", how="left", validate="one_to_one")
+        zpos = _positions(zinfo["TARGETID"].to_numpy(np.int64), tid, coadd, redrock)
         use_cuts = catalog is None or selection.redrock_cuts_with_catalog
         if use_cuts and selection.spectype is not None:
-            selected &= meta["SPECTYPE"].to_numpy() == selection.spectype
+            selected &= zinfo["SPECTYPE"].to_numpy()[zpos] == selection.spectype
         if use_cuts and selection.zwarn_zero:
-            selected &= meta["ZWARN"].to_numpy() == 0
-    if selection.fiberstatus_zero and "COADD_FIBERSTATUS" in meta:
-        selected &= meta["COADD_FIBERSTATUS"].to_numpy() == 0
+            selected &= zinfo["ZWARN"].to_numpy()[zpos] == 0
+    if selection.fiberstatus_zero and "COADD_FIBERSTATUS" in fibermap:
+        selected &= fibermap["COADD_FIBERSTATUS"] == 0
     if catalog is not None:
-        pos = catalog.locate(tid)
-        listed = pos >= 0
-        selected &= listed
-        meta["Z"] = np.where(listed, catalog.z[np.maximum(pos, 0)], np.nan)
+        cpos = catalog.locate(tid)
+        selected &= cpos >= 0
+    rows = np.flatnonzero(selected)
+    columns = {c: values[rows] for c, values in fibermap.items()}
+    if zinfo is not None:
+        columns |= {c: zinfo[c].array.take(zpos[rows]) for c in zinfo if c != "TARGETID"}
+    if catalog is not None:
+        columns["Z"] = catalog.z[cpos[rows]]
         for col, values in (("TARGET_RA", catalog.ra), ("TARGET_DEC", catalog.dec)):
             if values is not None and col not in fibermap:
-                meta[col] = np.where(listed, values[np.maximum(pos, 0)], np.nan)
+                columns[col] = values[cpos[rows]]
     for col in ("TARGET_RA", "TARGET_DEC", "ZERR", "DELTACHI2"):
-        if col not in meta:
-            meta[col] = np.nan
-    meta["_SELECTED"] = selected
-    return meta
+        columns.setdefault(col, np.full(len(rows), np.nan))
+    return columns, rows
 
 
-def _attach_exposures(fits: fitsio.FITS, path: Path, meta: pd.DataFrame) -> pd.DataFrame:
-    """TILEID, FIBER and LASTNIGHT of each target's latest exposure (EXP_FIBERMAP, if present)."""
+def _positions(
+    ztid: np.ndarray, tid: np.ndarray, coadd: Path, redrock: str | Path | None
+) -> np.ndarray:
+    """Row of each coadd TARGETID in the redrock table; the two must hold the same TARGETIDs."""
+    order = np.argsort(ztid)
+    pos = order[np.searchsorted(ztid[order], tid).clip(max=max(len(ztid) - 1, 0))]
+    if len(ztid) != len(tid) or not np.array_equal(ztid[pos], tid):
+        only_coadd = np.setdiff1d(tid, ztid)
+        only_rr = np.setdiff1d(ztid, tid)
+        raise DesiFormatError(
+            coadd,
+            f"TARGETID mismatch with redrock file {redrock}: {len(only_coadd)} only in the "
+            f"coadd (e.g. {only_coadd[:3].tolist()}), {len(only_rr)} only in redrock "
+            f"(e.g. {only_rr[:3].tolist()})",
+        )
+    return pos
+
+
+def _latest_exposures(fits: fitsio.FITS, path: Path, tid: np.ndarray) -> dict[str, np.ndarray]:
+    """TILEID, FIBER and LASTNIGHT of each target's latest exposure (EXP_FIBERMAP, if present).
+
+    Targets without an exposure row get NaN.
+    """
     if "EXP_FIBERMAP" not in hdu_names(fits):
-        return meta
+        return {}
     cols = {c.upper() for c in fits["EXP_FIBERMAP"].get_colnames()}
     wanted = [c for c in ("TILEID", "FIBER", "NIGHT") if c in cols]
     if "TARGETID" not in cols or not wanted:
-        return meta
-    exp = read_table(fits, path, "EXP_FIBERMAP", ("TARGETID",), wanted)
-    exp = exp[exp["TARGETID"].isin(meta["TARGETID"])]
-    if "NIGHT" in exp:
-        exp = exp.sort_values(["TARGETID", "NIGHT"], kind="stable")
-    last = exp.groupby("TARGETID", sort=False).tail(1).rename(columns={"NIGHT": "LASTNIGHT"})
-    meta = meta.drop(columns=[c for c in last.columns if c != "TARGETID" and c in meta])
-    return meta.merge(last, on="TARGETID", how="left", validate="one_to_one")
+        return {}
+    exp = read_columns(fits, path, "EXP_FIBERMAP", ("TARGETID",), wanted)
+    etid = exp["TARGETID"].astype(np.int64, copy=False)
+    # The latest exposure is the last row of each target's block once sorted by (TARGETID, NIGHT)
+    # stably, so ties keep the file order.
+    order = np.lexsort((exp["NIGHT"], etid)) if "NIGHT" in exp else np.argsort(etid, kind="stable")
+    sorted_tid = etid[order]
+    is_last = np.r_[sorted_tid[1:] != sorted_tid[:-1], True] if len(etid) else []
+    latest, latest_tid = order[is_last], sorted_tid[is_last]
+    tid = tid.astype(np.int64, copy=False)
+    at = np.searchsorted(latest_tid, tid).clip(max=max(len(latest) - 1, 0))
+    found = latest_tid[at] == tid if len(latest) else np.zeros(len(tid), dtype=bool)
+    out = {}
+    for col in wanted:
+        values = exp[col][latest[at]] if len(latest) else np.zeros(len(tid), exp[col].dtype)
+        out["LASTNIGHT" if col == "NIGHT" else col] = (
+            values if found.all() else np.where(found, values, np.nan)
+        )
+    return out
 
 
 def _read_merged_arms(
     fits: fitsio.FITS, path: Path, rows: np.ndarray, strict: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read the selected rows of each arm and merge them onto one grid by ivar weighting."""
+    """Read the selected rows of each arm and merge them onto one grid by ivar weighting.
+
+    Pixels of one arm are copied (flux 0 and ivar 0 where masked); only the arm overlaps are
+    combined, in float64 (the same result as weighting every pixel).
+    """
     waves = {arm: _read_wavelength(fits, path, arm) for arm in ARMS}
     wave, offsets = merged_grid(waves, path)
-    n = len(rows)
+    n, npix = len(rows), len(wave)
     nfib = fits["FIBERMAP"].get_nrows()
-    weighted = np.zeros((n, len(wave)), dtype=np.float64)
-    ivar_sum = np.zeros((n, len(wave)), dtype=np.float64)
-    merged_mask = np.zeros((n, len(wave)), dtype=np.uint32)
-    any_good = np.zeros((n, len(wave)), dtype=bool)
+    spans = {arm: slice(offsets[arm], offsets[arm] + len(w)) for arm, w in waves.items()}
+    arms_per_pixel = np.zeros(npix, dtype=np.int64)
+    for sl in spans.values():
+        arms_per_pixel[sl] += 1
+    shared = np.flatnonzero(arms_per_pixel > 1)  # merged pixels in an arm overlap
+    weighted = np.zeros((n, len(shared)))
+    ivar_sum = np.zeros((n, len(shared)))
+    mask_or = np.zeros((n, len(shared)), dtype=np.uint32)
+    any_good = np.zeros((n, len(shared)), dtype=bool)
+    out_flux = np.zeros((n, npix), dtype=np.float32)
+    out_ivar = np.zeros((n, npix), dtype=np.float32)
+    out_mask = np.zeros((n, npix), dtype=np.uint32)
     n_invalid = np.zeros(n, dtype=np.int64)
-    for arm in ARMS:
-        npix = len(waves[arm])
+    for arm, sl in spans.items():
         flux, ivar, mask = (
-            _read_rows(fits, path, f"{arm}_{part}", rows, nfib, npix)
+            _read_rows(fits, path, f"{arm}_{part}", rows, nfib, sl.stop - sl.start)
             for part in ("FLUX", "IVAR", "MASK")
         )
-        flux, ivar, mask = flux.astype(np.float64), ivar.astype(np.float64), mask.astype(np.uint32)
-        invalid = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
+        mask = mask.astype(np.uint32, copy=False)
+        with np.errstate(invalid="ignore"):
+            invalid = ~(np.isfinite(flux) & (ivar >= 0) & (ivar < np.inf))
         if invalid.any():
             problem = (
                 f"{arm} arm has {int(invalid.sum())} pixel(s) with NaN/inf flux or ivar or "
@@ -190,16 +231,26 @@ def _read_merged_arms(
             n_invalid += invalid.sum(axis=1)
             flux[invalid] = 0.0
             ivar[invalid] = 0.0
-        good_ivar = np.where(mask == 0, ivar, 0.0)
-        sl = slice(offsets[arm], offsets[arm] + npix)
-        weighted[:, sl] += good_ivar * flux
-        ivar_sum[:, sl] += good_ivar
-        merged_mask[:, sl] |= mask
-        any_good[:, sl] |= mask == 0
+        good_ivar = np.where(mask == 0, ivar, np.float32(0))
+        out_flux[:, sl] = np.where(good_ivar > 0, flux, np.float32(0))
+        out_ivar[:, sl] = good_ivar
+        out_mask[:, sl] = mask
+        # Overlap pixels of this arm: ``cols`` in the arm, ``into`` in the overlap arrays.
+        cols = shared[(shared >= sl.start) & (shared < sl.stop)] - sl.start
+        into = np.searchsorted(shared, cols + sl.start)
+        iv = good_ivar[:, cols].astype(np.float64)
+        weighted[:, into] += iv * flux[:, cols]
+        ivar_sum[:, into] += iv
+        mask_or[:, into] |= mask[:, cols]
+        any_good[:, into] |= mask[:, cols] == 0
     # A merged pixel is bad only if every arm covering it is bad.
-    merged_mask[any_good] = 0
-    flux = np.divide(weighted, ivar_sum, out=np.zeros_like(weighted), where=ivar_sum > 0)
-    return wave, flux.astype(np.float32), ivar_sum.astype(np.float32), merged_mask, n_invalid
+    mask_or[any_good] = 0
+    out_flux[:, shared] = np.divide(
+        weighted, ivar_sum, out=np.zeros_like(weighted), where=ivar_sum > 0
+    )
+    out_ivar[:, shared] = ivar_sum
+    out_mask[:, shared] = mask_or
+    return wave, out_flux, out_ivar, out_mask, n_invalid
 
 
 def merged_grid(
@@ -242,21 +293,10 @@ def _read_wavelength(fits: fitsio.FITS, path: Path, arm: str) -> np.ndarray:
 def _read_rows(
     fits: fitsio.FITS, path: Path, ext: str, rows: np.ndarray, nfib: int, npix: int | None = None
 ) -> np.ndarray:
-    """Read only ``rows`` (sorted) of an image HDU whose first axis is the spectrum index.
-
-    Contiguous runs of rows are read with one call each, so a sparse selection costs a few
-    small reads instead of the whole image.
-    """
-    hdu = fits[ext]
-    dims = tuple(hdu.get_dims())
+    """Read only ``rows`` (sorted) of an image HDU whose first axis is the spectrum index."""
+    dims = tuple(fits[ext].get_dims())
     if dims[0] != nfib:
         raise DesiFormatError(path, f"{ext} has {dims[0]} rows but FIBERMAP has {nfib}")
     if npix is not None and dims != (nfib, npix):
         raise DesiFormatError(path, f"{ext} has shape {dims}, expected ({nfib}, {npix})")
-    rest = (slice(None),) * (len(dims) - 1)
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    runs = zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True) if len(rows) else []
-    chunks = [hdu[(slice(int(rows[s]), int(rows[e - 1]) + 1), *rest)] for s, e in runs]
-    if not chunks:
-        return np.zeros((0, *dims[1:]), dtype=np.float32)
-    return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    return read_image_rows(fits, path, ext, rows)
