@@ -229,7 +229,8 @@ def main() -> None:
     print(f"{len(pairs)} files, {size_gb:.1f} GB")
 
     results = {s: run_stage(s, pairs, args.repeat) for s in STAGES}
-    quarter = run_stage("ours", pairs[: max(1, len(pairs) // 4)], args.repeat)
+    n_quarter = max(1, len(pairs) // 4)
+    quarter = run_stage("ours", pairs[:n_quarter], args.repeat)
     for r in results.values():
         print(
             f"{r['stage']:>10}: {r['n']} spectra in {r['seconds']:.2f} s = "
@@ -243,7 +244,7 @@ def main() -> None:
         f"{100 * of_raw['rate']:.0f}% (wall), {100 * of_raw['cpu_rate']:.0f}% (CPU) of raw"
     )
     print(
-        f"peak RSS, ours: {quarter['peak_mib']:.0f} MiB on {len(pairs) // 4} files, "
+        f"peak RSS, ours: {quarter['peak_mib']:.0f} MiB on {n_quarter} files, "
         f"{results['ours']['peak_mib']:.0f} MiB on {len(pairs)} files"
     )
 
@@ -279,7 +280,7 @@ the timed runs, and its peak during them (VmHWM reset at the start).
 - preprocessing (rest-frame resampling, normalisation, quality cuts, line features) on one
   thread: **{pre["rate"]:,.0f} spectra/s** wall clock, **{pre["cpu_rate"]:,.0f}** per CPU second.
 - peak memory is bounded by the partition, not the release: {quarter["peak_mib"]:.0f} MiB
-  reading {len(pairs) // 4} files, {results["ours"]["peak_mib"]:.0f} MiB reading {len(pairs)}.
+  reading {n_quarter} files, {results["ours"]["peak_mib"]:.0f} MiB reading {len(pairs)}.
 """,
     )
     print(f"wrote {args.doc}")
