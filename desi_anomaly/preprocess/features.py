@@ -16,6 +16,9 @@ from scipy.ndimage import gaussian_filter1d
 from .grid import C_KMS, FWHM_PER_SIGMA, RestFrameGrid
 
 Window = tuple[float, float]
+#: A selection of spectra: an index array or a slice (a view, no copy).
+Rows = np.ndarray | slice
+ALL_ROWS = slice(None)
 
 #: Line-free continuum windows (rest Angstrom) for the power-law index ALPHA_CONT.
 CONTINUUM_WINDOWS: tuple[Window, ...] = (
@@ -87,13 +90,18 @@ def _smooth(values: np.ndarray, good: np.ndarray, sigma: float = SMOOTH_SIGMA_PI
 
 
 def window_means(
-    flux: np.ndarray, ivar: np.ndarray, grid: RestFrameGrid, windows: tuple[Window, ...]
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    grid: RestFrameGrid,
+    windows: tuple[Window, ...],
+    rows: Rows = ALL_ROWS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse-variance weighted mean flux of each window, its ivar and the window's log-centre.
 
-    Returns (n, nwin) means (NaN below MIN_CONT_GOOD good pixels), their ivar, (nwin,) ln(wave).
+    Returns (n, nwin) means of the spectra ``rows`` (NaN below MIN_CONT_GOOD good pixels), their
+    ivar, (nwin,) ln(wave). Only the window pixels of those rows are read.
     """
-    n = flux.shape[0]
+    n = len(range(flux.shape[0])[rows]) if isinstance(rows, slice) else len(rows)
     means = np.full((n, len(windows)), np.nan)
     wsum = np.zeros((n, len(windows)))
     loglam = np.log([np.sqrt(lo * hi) for lo, hi in windows])
@@ -101,11 +109,11 @@ def window_means(
         sl = _window_pixels(grid, window)
         if sl is None:
             continue
-        iv = ivar[:, sl].astype(np.float64)
+        iv = ivar[rows, sl].astype(np.float64)
         s = iv.sum(axis=1)
         frac = np.count_nonzero(iv > 0, axis=1) / iv.shape[1]
         ok = (frac >= MIN_CONT_GOOD) & (s > 0)
-        m = np.divide((iv * flux[:, sl]).sum(axis=1), s, out=np.full(n, np.nan), where=ok)
+        m = np.divide((iv * flux[rows, sl]).sum(axis=1), s, out=np.full(n, np.nan), where=ok)
         means[:, j], wsum[:, j] = m, np.where(ok, s, 0.0)
     return means, wsum, loglam
 
@@ -118,13 +126,15 @@ def fit_power_law(
     *,
     require_all: bool = False,
     min_lever_arm: float = MIN_LEVER_ARM,
+    rows: Rows = ALL_ROWS,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Weighted least-squares power law ``f = A (lambda / lambda_ref)^alpha`` through window means.
 
     Windows with a positive mean are used (all of them with ``require_all``), at least two spanning
-    a wavelength ratio >= ``min_lever_arm``. Returns (ln A, alpha, ln lambda_ref), NaN if unfitted.
+    a wavelength ratio >= ``min_lever_arm``. Returns (ln A, alpha, ln lambda_ref) of the spectra
+    ``rows``, NaN if unfitted.
     """
-    means, wsum, loglam = window_means(flux, ivar, grid, windows)
+    means, wsum, loglam = window_means(flux, ivar, grid, windows, rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         y = np.log(means)
     use = np.isfinite(y)
@@ -161,8 +171,9 @@ def _continuum(
     windows: tuple[Window, ...],
     sl: slice,
     require_all: bool,
+    rows: Rows,
 ) -> np.ndarray:
-    """Power-law continuum through ``windows`` evaluated on the pixels ``sl`` ((n, len) or NaN)."""
+    """Power-law continuum of spectra ``rows`` through ``windows``, on the pixels ``sl``."""
     ln_a, alpha, ln_ref = fit_power_law(
         flux,
         ivar,
@@ -170,6 +181,7 @@ def _continuum(
         windows,
         require_all=require_all,
         min_lever_arm=1.0 if require_all else MIN_LEVER_ARM,
+        rows=rows,
     )
     x = np.log(grid.centres[sl]) - ln_ref
     return np.exp(ln_a[:, None] + alpha[:, None] * x[None, :])
@@ -218,18 +230,18 @@ def line_measurements(
     if sl is None or any(_window_pixels(grid, w) is None for w in line.continuum):
         return ew, fwhm
     rows = _covered_rows(ivar, sl)
-    ew[rows], fwhm[rows] = _line_measurements(flux[rows], ivar[rows], grid, line, sl)
+    ew[rows], fwhm[rows] = _line_measurements(flux, ivar, grid, line, sl, rows)
     return ew, fwhm
 
 
 def _line_measurements(
-    flux: np.ndarray, ivar: np.ndarray, grid: RestFrameGrid, line: BroadLine, sl: slice
+    flux: np.ndarray, ivar: np.ndarray, grid: RestFrameGrid, line: BroadLine, sl: slice, rows: Rows
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``line_measurements`` on the spectra that cover the line window ``sl``."""
+    """``line_measurements`` of the spectra ``rows``, which cover the line window ``sl``."""
     pad = int(np.ceil(4 * SMOOTH_SIGMA_PIX))
     seg = slice(max(sl.start - pad, 0), min(sl.stop + pad, grid.npix))
-    cont = _continuum(flux, ivar, grid, line.continuum, seg, require_all=True)
-    f, good = flux[:, seg], ivar[:, seg] > 0
+    cont = _continuum(flux, ivar, grid, line.continuum, seg, require_all=True, rows=rows)
+    f, good = flux[rows, seg], ivar[rows, seg] > 0
     core = slice(sl.start - seg.start, sl.stop - seg.start)
 
     width = grid.widths[sl]
@@ -261,19 +273,25 @@ def balnicity_civ(flux: np.ndarray, ivar: np.ndarray, grid: RestFrameGrid) -> np
     if trough is None or emis is None:
         return bi
     rows = _covered_rows(ivar, trough)
-    bi[rows] = _balnicity(flux[rows], ivar[rows], grid, trough, emis)
+    bi[rows] = _balnicity(flux, ivar, grid, trough, emis, rows)
     return bi
 
 
 def _balnicity(
-    flux: np.ndarray, ivar: np.ndarray, grid: RestFrameGrid, trough: slice, emis: slice
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    grid: RestFrameGrid,
+    trough: slice,
+    emis: slice,
+    rows: Rows,
 ) -> np.ndarray:
-    """``balnicity_civ`` of spectra covering the trough pixels; C IV emission pixels ``emis``."""
+    """``balnicity_civ`` of the spectra ``rows``, which cover the trough pixels; C IV emission
+    pixels ``emis``."""
     pad = int(np.ceil(4 * SMOOTH_SIGMA_PIX))
     seg = slice(max(trough.start - pad, 0), emis.stop)
-    cont = _continuum(flux, ivar, grid, BI_CONTINUUM_WINDOWS, seg, require_all=False)
-    good = (ivar[:, seg] > 0) & np.isfinite(cont)
-    f = flux[:, seg]
+    cont = _continuum(flux, ivar, grid, BI_CONTINUUM_WINDOWS, seg, require_all=False, rows=rows)
+    good = (ivar[rows, seg] > 0) & np.isfinite(cont)
+    f = flux[rows, seg]
     v = C_KMS * np.log(grid.centres[seg] / CIV_WAVE)
 
     # C IV emission: Gaussian at the systemic wavelength, amplitude = mean excess within 1000 km/s,
