@@ -114,6 +114,11 @@ class SpectrumVAE(nn.Module):
             ),
             nn.Conv1d(up[-1], 1, k, padding=pad),
         )
+        # Linear path (a learned eigenspectrum basis): the smooth, mostly linear variation of
+        # quasar spectra (continuum slope, line strengths) is learnt in few steps; the convolutional
+        # decoder adds the non-linear part.
+        self.eigen = nn.Linear(config.latent_dim, config.npix, bias=False)
+        nn.init.zeros_(self.eigen.weight)
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
         # Per-pixel extra variance as a fraction of model^2 (the forest term); set from the grid.
@@ -142,7 +147,7 @@ class SpectrumVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructed flux (n, npix)."""
         h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom_len)
-        return self.decoder(h)[:, 0, : self.config.npix] + self.offset
+        return self.decoder(h)[:, 0, : self.config.npix] + self.eigen(z) + self.offset
 
     def forward(
         self, flux: torch.Tensor, good: torch.Tensor, generator: torch.Generator | None = None
