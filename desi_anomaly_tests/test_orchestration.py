@@ -80,11 +80,12 @@ def test_definitions_load_with_every_part():
         "anomaly_scores",
         "anomaly_clusters",
         "anomaly_catalog",
+        "injection_recovery",
     }
     for asset in ASSETS:
         for key in asset.keys:
             node = graph.get(key)
-            assert node.group_name in {"ingest", "model", "discovery"}
+            assert node.group_name in {"ingest", "model", "discovery", "validation"}
             assert node.owners == ["team:desi-anomaly"]
             assert node.code_version and node.description and node.kinds
     for asset in PARTITIONED_ASSETS:

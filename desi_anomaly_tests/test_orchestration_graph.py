@@ -105,6 +105,10 @@ def test_run_all_materialises_every_asset(pipeline):
             _latest(instance, asset, key)
     for asset in ("vae_checkpoint", "anomaly_detector", "anomaly_clusters", "anomaly_catalog"):
         _latest(instance, asset)
+    injection = _latest(instance, "injection_recovery")
+    assert injection.metadata["n_injected"].value > 0
+    assert "| ensemble | bal |" in injection.metadata["overall"].value
+    assert (out / "validation" / "injection_recovery.parquet").is_file()
     assert any("anomal" in line for line in lines)  # the top anomalies (or that there are none)
     assert not ray.is_initialized()  # the local Ray runtime was shut down
 

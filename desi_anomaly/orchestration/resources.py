@@ -63,6 +63,10 @@ class PipelineSettings(dg.ConfigurableResource):
     max_train_spectra: int = 200_000
     alpha: float = Field(default=0.01, description="FDR level: a discovery has q < alpha")
     known_anomalies: str | None = Field(default=None, description="Known-anomaly list to match")
+    injection_max_partitions: int = Field(
+        default=50, description="Partitions whose spectra injection-recovery uses (first by key)"
+    )
+    injection_seed: int = 0
     # Asset-check thresholds.
     recon_rchi2_max: float = Field(default=1.5, description="'Well reconstructed' reduced chi2")
     recon_min_share: float = Field(

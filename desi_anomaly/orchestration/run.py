@@ -45,6 +45,7 @@ DOWNSTREAM = [
     "anomaly_scores",
     "anomaly_clusters",
     "anomaly_catalog",
+    "injection_recovery",
 ]
 
 
