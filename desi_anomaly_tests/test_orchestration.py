@@ -350,3 +350,53 @@ def test_stale_partitions_after_a_new_checkpoint(tmp_path):
     layout.checkpoint.write_bytes(b"checkpoint")
     plan = sensors.stale_partitions(["main-dark-1", "main-dark-2"], layout)
     assert plan == {"latents": ["main-dark-1", "main-dark-2"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog checks on hand-made score files: each fails on the defect it is for
+
+
+def _catalog_case(tmp_path, *, duplicate=False, shuffle_q=False, skew_p=False):
+    import numpy as np
+    import pandas as pd
+
+    from desi_anomaly.discovery import Layout
+    from desi_anomaly.orchestration.checks import catalog_check_results
+
+    rng = np.random.default_rng(0)
+    layout = Layout(tmp_path)
+    n = 400
+    split = np.array(["train", "calibration", "test", "test"] * (n // 4))
+    p = rng.uniform(size=n) ** (4.0 if skew_p else 1.0)
+    scores = pd.DataFrame(
+        {
+            "TARGETID": np.arange(n, dtype=np.int64),
+            "PARTITION": "main-dark-1",
+            "SPLIT": split,
+            "RECON_RCHI2": rng.uniform(0.8, 1.2, n),
+            "P_VALUE": p,
+        }
+    )
+    layout.scores("main-dark-1").parent.mkdir(parents=True)
+    scores.to_parquet(layout.scores("main-dark-1"))
+    catalog = pd.DataFrame(
+        {
+            "RANK": np.arange(1, 11),
+            "TARGETID": np.arange(10, dtype=np.int64),
+            "Q_VALUE": np.linspace(0.0001, 0.009, 10),
+        }
+    )
+    if duplicate:
+        catalog.loc[3, "TARGETID"] = 2
+    if shuffle_q:
+        catalog.loc[5, "Q_VALUE"] = 0.00001
+    results = catalog_check_results(layout, ["main-dark-1"], catalog, {}, PipelineSettings())
+    return {r.check_name: r.passed for r in results}
+
+
+def test_catalog_checks_fail_on_their_defects(tmp_path):
+    good = _catalog_case(tmp_path / "good")
+    assert all(good.values()), good
+    assert not _catalog_case(tmp_path / "dup", duplicate=True)["targetids_unique"]
+    assert not _catalog_case(tmp_path / "q", shuffle_q=True)["qvalues_monotone_in_rank"]
+    assert not _catalog_case(tmp_path / "p", skew_p=True)["pvalue_uniformity"]
