@@ -188,6 +188,7 @@ def main() -> None:
             "ensemble": table["ANOMALY_SCORE"],
             "pca": table["PCA_RCHI2"],
             "vae_rchi2": table["RECON_RCHI2"],
+            **{c.lower(): table[c] for c in table.columns if c.startswith("TAILP_")},
         },
         anomaly=table["ANOMALY"].to_numpy(),
         p_ensemble=table["P_VALUE"].to_numpy(),
@@ -200,12 +201,24 @@ def main() -> None:
     )
     full = recovery_table(table, METHOD_COLUMNS, alpha=ALPHA)
     wide = side_by_side(full)
-    # diagnostic: the VAE reconstruction chi2 alone (one of the ensemble's four components)
-    recon = recovery_table(table.assign(NO_Q=1.0), {"vae": ("RECON_RCHI2", "NO_Q")}, alpha=ALPHA)
+    # diagnostics: the VAE reconstruction chi2 alone and each ensemble component (-ln tail p)
+    tailp = [c for c in table.columns if c.startswith("TAILP_")]
+    diag_table = table.assign(NO_Q=1.0, **{f"NL_{c}": -np.log(table[c]) for c in tailp})
+    diag_methods = {"vae_rchi2": ("RECON_RCHI2", "NO_Q")}
+    diag_methods.update({c.removeprefix("TAILP_").lower(): (f"NL_{c}", "NO_Q") for c in tailp})
+    diag = recovery_table(diag_table, diag_methods, alpha=ALPHA)
     keys = ["ANOMALY", "SNR_BIN", "Z_BIN"]
     wide = wide.merge(
-        recon[[*keys, "AUROC"]].rename(columns={"AUROC": "AUROC_vae_rchi2"}), on=keys, how="left"
+        diag.loc[diag["METHOD"] == "vae_rchi2", [*keys, "AUROC"]].rename(
+            columns={"AUROC": "AUROC_vae_rchi2"}
+        ),
+        on=keys,
+        how="left",
     )
+    components = diag[diag["Z_BIN"].eq("all") & diag["SNR_BIN"].isin(["all", ">5"])].pivot(
+        index=["ANOMALY", "SNR_BIN"], columns="METHOD", values="AUROC"
+    )
+    components = components[[m for m in diag_methods if m != "vae_rchi2"]].reset_index()
     wide.to_csv(args.data / "injection_recovery_bins.csv", index=False)
     normal = table["ANOMALY"] == NO_ANOMALY
     null_fdr = {
@@ -316,6 +329,13 @@ under `--data`; every class x S/N x z bin: `injection_recovery_bins.csv` there.
 ## Per class and redshift bin
 
 {markdown_table(by_z.drop(columns=["SNR_BIN"]))}
+
+## Diagnostic: AUROC of each ensemble component
+
+Each of the four components the ensemble averages (as ``-ln`` tail probability): Isolation Forest,
+PCA detector and KNN on the VAE latents, and the reconstruction chi2 (RECON = AUROC_vae_rchi2).
+
+{markdown_table(components)}
 
 ## Real DESI EDR spectra
 

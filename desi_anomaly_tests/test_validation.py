@@ -42,7 +42,7 @@ from desi_anomaly.validation import (
 GRID = RestFrameGrid.for_redshift_range(1.8, 3.2, npix=160)
 CONFIG = PreprocessConfig(grid=GRID, compute_features=False, min_coverage_pixels=20)
 TINY = VAEConfig(
-    npix=160, latent_dim=6, channels=(8, 16, 16), epochs=15, patience=4, batch_size=32, lr=3e-3
+    npix=160, latent_dim=6, channels=(8, 16, 16), epochs=5, patience=3, batch_size=32, lr=3e-3
 )
 
 
@@ -199,7 +199,7 @@ def test_adbench_export_round_trips(tmp_path):
 def detectors(tmp_path_factory):
     """Tiny VAE, ensemble and PCA baseline fitted on synthetic normal spectra."""
     root = tmp_path_factory.mktemp("validation")
-    train = preprocess(spectra(320, seed=7), CONFIG)
+    train = preprocess(spectra(280, seed=7), CONFIG)
     train.meta.insert(1, "PARTITION", "main-dark-1")
     shard = write_cleaned_shard(root / "main-dark-1.parquet", train, "main-dark-1", {})
     vae = load_checkpoint(train_vae([shard], root / "vae", TINY))

@@ -1,10 +1,14 @@
 """Validation: injection-recovery of synthetic anomalies (ensemble vs a PCA baseline) and
 recovery of known anomalous quasars by sky cross-match. Plain library code, no Dagster.
 
-    from desi_anomaly.validation import fit_detectors, inject_and_score, add_qvalues
+    from desi_anomaly.validation import (
+        METHOD_COLUMNS, add_qvalues, fit_detectors, inject_and_score, recovery_table,
+    )
     det = fit_detectors(vae, train_cleaned, calibration_cleaned)
     scored = inject_and_score(det, observed_test_spectra, ["bal", "dla"], rng)
-    table = recovery_table(add_qvalues(scored.table), METHOD_COLUMNS)
+    table = recovery_table(add_qvalues(scored.table), METHOD_COLUMNS)  # AUROC, recall per bin
+
+    matches = crossmatch_known(scores, read_known_anomalies("SQuAD_I_catalog.csv"))
 """
 
 from .baseline import PCABaseline

@@ -136,8 +136,8 @@ def fit_detectors(
 
 
 def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
-    """Ensemble and PCA scores with conformal p-values of cleaned spectra (rows without any good
-    pixel are left out)."""
+    """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 with conformal
+    p-values of cleaned spectra (rows without any good pixel are left out)."""
     latents, rchi2 = encode(det.vae, cleaned)
     ok = np.isfinite(rchi2)
     meta = cleaned.meta.loc[ok, [c for c in _META if c in cleaned.meta]].reset_index(drop=True)
@@ -145,7 +145,8 @@ def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
     snr, z = table["SNR_MEDIAN"].to_numpy(), table["Z"].to_numpy()
     if ok.any():
         scores = det.ensemble.score(latents[ok], rchi2[ok])
-        table["ANOMALY_SCORE"] = scores["ANOMALY_SCORE"].to_numpy()
+        for col in scores.columns:  # ANOMALY_SCORE and its components
+            table[col] = scores[col].to_numpy()
         table["P_VALUE"] = det.calibrator.pvalues(table["ANOMALY_SCORE"].to_numpy(), snr, z)
         table["PCA_RCHI2"] = det.pca.score(cleaned.flux[ok], cleaned.ivar[ok])
         table["PCA_P_VALUE"] = det.pca_calibrator.pvalues(table["PCA_RCHI2"].to_numpy(), snr, z)
