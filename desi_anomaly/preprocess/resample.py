@@ -98,6 +98,8 @@ def resample_to_rest(
     uniform = bool(np.all(np.abs(dw - dw[0]) <= 1e-9 * dw[0]))
     for lo in range(0, n, block_rows):
         block = rows[lo : lo + block_rows]
+        if (np.diff(block) == 1).all():  # consecutive rows: views instead of copies
+            block = slice(int(block[0]), int(block[-1]) + 1)
         _resample_block(
             edges, flux[block], ivar[block], np.asarray(good[block], dtype=bool), z[block], grid,
             uniform, min_good_fraction, deredshift_flux, out, lo,
@@ -181,8 +183,9 @@ def _resample_block(
     full, v = bin_sums((unit**2 / scale).astype(np.float32))
     fa, fb, va = frac[:, :-1], frac[:, 1:], v[:, :-1]
     sv = full - fa * (np.float32(2) - fa) * va + fb * fb * v[:, 1:]
-    same = np.nonzero(k[:, :-1] == k[:, 1:])  # both edges inside one input pixel
-    sv[same] = (fb[same] - fa[same]) ** 2 * va[same]
+    same = k[:, :-1] == k[:, 1:]  # both edges inside one input pixel
+    if same.any():
+        sv[same] = (fb[same] - fa[same]) ** 2 * va[same]
 
     ok = (sw >= min_good_fraction * np.diff(t, axis=1)) & (sw > 0) & (sv > 0)
     opz = ((1.0 + z)[:, None] if deredshift_flux else np.ones((n, 1))).astype(np.float32)
