@@ -20,9 +20,13 @@ def masked_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
         return np.full(n, np.nan)
     first, last = int(lo[has].min()), int(hi[has].max())
     span = last - first + 1
-    if span < m // 8:
-        x = np.partition(x, first, axis=1)[:, first:] if first > 0 else x
-        x = np.partition(x, span - 1, axis=1)[:, :span] if span < x.shape[1] else x
+    if span < m // 8:  # in place: x is a fresh array
+        if first > 0:
+            x.partition(first, axis=1)
+            x = x[:, first:]
+        if span < x.shape[1]:
+            x.partition(span - 1, axis=1)
+            x = x[:, :span]
     else:
         first = 0
     x.sort(axis=1)
