@@ -223,7 +223,7 @@ def main() -> None:
     normal = table["ANOMALY"] == NO_ANOMALY
     null_fdr = {
         name: float((table.loc[normal, q] < ALPHA).mean())
-        for name, (_, q) in METHOD_COLUMNS.items()
+        for name, (_, q, _) in METHOD_COLUMNS.items()
     }
 
     # 4. The same models on real DESI EDR spectra, when the shared data are there.
@@ -263,10 +263,11 @@ def main() -> None:
     for kind in ("bal", "dla"):
         if kind in high.index:
             rec = float(high.loc[kind, "RECALL_ensemble"])
+            rec_p = float(high.loc[kind, "RECALL_P_ensemble"])
             n = int(high.loc[kind, "N_INJECTED"])
             checks.append(
                 f"- {kind} at S/N > 5: recall at q < {ALPHA} = {rec:.3f} ({n} injected): "
-                f"{'met' if rec >= 0.9 else 'NOT met'} (target >= 0.9)"
+                f"{'met' if rec >= 0.9 else 'NOT met'} (target >= 0.9); at p < {ALPHA}: {rec_p:.3f}"
             )
     how = "from scratch" if fresh else "mock drop and VAE checkpoint reused from --data"
     drop_line = ", ".join(f"{k} {v}" for k, v in scored.n_dropped.items())
@@ -281,7 +282,8 @@ least-squares fit over each spectrum's good pixels). Both are calibrated with
 Benjamini-Hochberg per class, over the normal test spectra plus the injected spectra of that class
 (about as many injected as normal spectra of the class's redshift range: a lenient catalogue; in a
 survey where anomalies are rare BH needs smaller p-values, so recall there is lower at the same
-p-values). Recall = fraction of injected spectra with q < {ALPHA}; AUROC (sklearn) = injected
+p-values). Recall = fraction of injected spectra with q < {ALPHA}; RECALL_P = fraction with
+p < {ALPHA} (recall at a {ALPHA} per-spectrum false-positive rate); AUROC (sklearn) = injected
 spectra of the class against the normal test spectra of the same bin. S/N and z bins use the
 un-injected original's median S/N and redshift. AUROC_vae_rchi2 is a diagnostic: the VAE
 reconstruction reduced chi2 alone (one of the four

@@ -157,9 +157,16 @@ def test_recovery_table_auroc_and_recall_per_bin():
             "Z_BIN_VALUE": [2.2] * 8,
             "S": [0.1, 0.2, 0.3, 0.4, 0.15, 0.9, 0.35, 0.05],
             "Q": [0.5, 0.5, 0.5, 0.5, 0.5, 0.001, 0.005, 0.5],
+            "P": [0.5, 0.5, 0.5, 0.5, 0.005, 0.001, 0.002, 0.3],
         }
     )
-    table = recovery_table(scored, {"m": ("S", "Q")}, snr_edges=np.array([0, 5, np.inf]))
+    methods = {"m": ("S", "Q"), "mp": ("S", "Q", "P")}
+    table = recovery_table(scored, methods, snr_edges=np.array([0, 5, np.inf]))
+    with_p = table[table["METHOD"] == "mp"].set_index(["ANOMALY", "SNR_BIN", "Z_BIN"])
+    assert with_p.loc[("bal", "all", "all"), "RECALL_P"] == 1.0
+    assert with_p.loc[("dla", "all", "all"), "RECALL_P"] == 0.5
+    table = table[table["METHOD"] == "m"]
+    assert table["RECALL_P"].isna().all()
     row = table.set_index(["ANOMALY", "SNR_BIN", "Z_BIN"])
     assert row.loc[("bal", "all", "all"), "AUROC"] == pytest.approx(5 / 8)
     assert row.loc[("bal", ">5", "all"), "AUROC"] == 1.0

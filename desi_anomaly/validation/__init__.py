@@ -49,8 +49,8 @@ from .recovery import (
     score_cleaned,
 )
 
-#: ``recovery_table`` methods argument for the two compared methods: name -> (score, q column).
-METHOD_COLUMNS = {name: (score, q) for name, (score, _, q) in METHODS.items()}
+#: ``recovery_table`` methods argument for the two compared methods: name -> (score, q, p column).
+METHOD_COLUMNS = {name: (score, q, p) for name, (score, p, q) in METHODS.items()}
 
 __all__ = [
     "METHODS",

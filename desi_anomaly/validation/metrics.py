@@ -7,7 +7,10 @@ column. For each method, class and (S/N, z) bin:
 
 - ``AUROC``: ``sklearn.metrics.roc_auc_score`` of the score, injected spectra of the class against
   the normal spectra of the same bin (NaN when either is absent);
-- ``RECALL``: fraction of the injected spectra with q-value < ``alpha``.
+- ``RECALL``: fraction of the injected spectra with q-value < ``alpha``;
+- ``RECALL_P`` (when a p-value column is given): fraction with p-value < ``alpha``, the recall at a
+  per-spectrum false-positive rate ``alpha``, free of the Benjamini-Hochberg dependence on the
+  share of anomalies in the catalogue.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _auroc(normal: np.ndarray, injected: np.ndarray) -> float:
 
 def recovery_table(
     scored: pd.DataFrame,
-    methods: dict[str, tuple[str, str]],
+    methods: dict[str, tuple[str, ...]],
     *,
     alpha: float = 0.01,
     snr_edges: np.ndarray = REPORT_SNR_EDGES,
@@ -62,8 +65,9 @@ def recovery_table(
 ) -> pd.DataFrame:
     """AUROC and recall at q < ``alpha`` per method x class x S/N bin x z bin (and ``all`` bins).
 
-    ``methods`` maps a method name to its (score column, q-value column) in ``scored``. Columns
-    of the result: METHOD, ANOMALY, SNR_BIN, Z_BIN, N_INJECTED, N_NORMAL, AUROC, RECALL.
+    ``methods`` maps a method name to its (score column, q-value column[, p-value column]) in
+    ``scored``. Columns of the result: METHOD, ANOMALY, SNR_BIN, Z_BIN, N_INJECTED, N_NORMAL,
+    AUROC, RECALL, RECALL_P (NaN without a p-value column).
     """
     need = {"ANOMALY", "SNR_BIN_VALUE", "Z_BIN_VALUE"} | {c for m in methods.values() for c in m}
     missing = sorted(need - set(scored.columns))
@@ -88,7 +92,8 @@ def recovery_table(
                 inj = part[part["ANOMALY"] == kind]
                 if not len(inj):
                     continue
-                for name, (score_col, q_col) in methods.items():
+                for name, (score_col, q_col, *p_col) in methods.items():
+                    p = inj[p_col[0]].to_numpy(float) if p_col else np.full(1, np.nan)
                     rows.append(
                         {
                             "METHOD": name,
@@ -101,6 +106,7 @@ def recovery_table(
                                 normal[score_col].to_numpy(float), inj[score_col].to_numpy(float)
                             ),
                             "RECALL": float(np.mean(inj[q_col].to_numpy(float) < alpha)),
+                            "RECALL_P": float(np.mean(p < alpha)) if p_col else np.nan,
                         }
                     )
     return pd.DataFrame(rows)
@@ -110,7 +116,8 @@ def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
     """``recovery_table`` output with one row per class and bin and a column per method/metric
     (e.g. AUROC_ensemble, RECALL_pca)."""
     index = ["ANOMALY", "SNR_BIN", "Z_BIN", "N_INJECTED", "N_NORMAL"]
-    wide = table.pivot(index=index, columns="METHOD", values=["AUROC", "RECALL"])
+    values = ["AUROC", "RECALL"] + (["RECALL_P"] if table["RECALL_P"].notna().any() else [])
+    wide = table.pivot(index=index, columns="METHOD", values=values)
     wide.columns = [f"{metric}_{method}" for metric, method in wide.columns]
     return wide.reset_index()
 
