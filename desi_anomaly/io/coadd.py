@@ -216,9 +216,9 @@ def _read_merged_arms(
             for part in ("FLUX", "IVAR", "MASK")
         )
         mask = mask.astype(np.uint32, copy=False)
-        with np.errstate(invalid="ignore"):
-            invalid = ~(np.isfinite(flux) & (ivar >= 0) & (ivar < np.inf))
-        if invalid.any():
+        if not _all_valid(flux, ivar):
+            with np.errstate(invalid="ignore"):
+                invalid = ~(np.isfinite(flux) & (ivar >= 0) & (ivar < np.inf))
             problem = (
                 f"{arm} arm has {int(invalid.sum())} pixel(s) with NaN/inf flux or ivar or "
                 f"negative ivar in {int(invalid.any(axis=1).sum())} spectrum/spectra"
@@ -231,18 +231,19 @@ def _read_merged_arms(
             n_invalid += invalid.sum(axis=1)
             flux[invalid] = 0.0
             ivar[invalid] = 0.0
-        good_ivar = np.where(mask == 0, ivar, np.float32(0))
-        out_flux[:, sl] = np.where(good_ivar > 0, flux, np.float32(0))
-        out_ivar[:, sl] = good_ivar
+        # The output starts at zero: copy the unmasked ivar, and the flux where that is > 0.
+        good = mask == 0
+        np.copyto(out_ivar[:, sl], ivar, where=good)
+        np.copyto(out_flux[:, sl], flux, where=out_ivar[:, sl] > 0)
         out_mask[:, sl] = mask
         # Overlap pixels of this arm: ``cols`` in the arm, ``into`` in the overlap arrays.
         cols = shared[(shared >= sl.start) & (shared < sl.stop)] - sl.start
         into = np.searchsorted(shared, cols + sl.start)
-        iv = good_ivar[:, cols].astype(np.float64)
+        iv = np.where(good[:, cols], ivar[:, cols], 0).astype(np.float64)
         weighted[:, into] += iv * flux[:, cols]
         ivar_sum[:, into] += iv
         mask_or[:, into] |= mask[:, cols]
-        any_good[:, into] |= mask[:, cols] == 0
+        any_good[:, into] |= good[:, cols]
     # A merged pixel is bad only if every arm covering it is bad.
     mask_or[any_good] = 0
     out_flux[:, shared] = np.divide(
@@ -251,6 +252,15 @@ def _read_merged_arms(
     out_ivar[:, shared] = ivar_sum
     out_mask[:, shared] = mask_or
     return wave, out_flux, out_ivar, out_mask, n_invalid
+
+
+def _all_valid(flux: np.ndarray, ivar: np.ndarray) -> bool:
+    """Whether all flux is finite and all ivar finite and >= 0, by reductions only (no
+    temporaries; a NaN makes min and max NaN)."""
+    if flux.size == 0:
+        return True
+    finite_flux = np.isfinite(flux.min()) and np.isfinite(flux.max())
+    return bool(finite_flux and ivar.min() >= 0 and ivar.max() < np.inf)
 
 
 def merged_grid(
