@@ -23,7 +23,7 @@ from desi_anomaly.orchestration.resources import (
     StorageResource,
 )
 from desi_anomaly.orchestration.run import run_all
-from desi_anomaly.orchestration.sensors import range_tags
+from desi_anomaly.orchestration.sensors import range_tags, rescore_after_new_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::dagster.BetaWarning")]
 
@@ -189,8 +189,17 @@ def test_new_checkpoint_marks_latents_stale_until_rescore_all(pipeline, graph_dr
     )
     assert new.success
     assert status("latents") == StaleStatus.STALE
+    # The asset sensor asks for rescore_all over every partition, as one range.
+    tick = rescore_after_new_checkpoint.evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs)
+    )
+    (request,) = tick.run_requests
+    assert range_tags(instance).items() <= request.tags.items()
+    registered = instance.get_dynamic_partitions(PARTITIONS_NAME)
+    assert request.tags["dagster/asset_partition_range_start"] == registered[0]
+    assert request.tags["dagster/asset_partition_range_end"] == registered[-1]
     rescore = defs.resolve_job_def("rescore_all").execute_in_process(
-        instance=instance, tags=range_tags(instance)
+        instance=instance, tags=request.tags
     )
     assert rescore.success
     assert status("latents") == StaleStatus.FRESH

@@ -259,8 +259,11 @@ def range_tags(instance: dg.DagsterInstance) -> dict[str, str]:
     default_status=dg.DefaultSensorStatus.STOPPED,
 )
 def rescore_after_new_checkpoint(context: dg.SensorEvaluationContext, asset_event):
+    # One rescore per checkpoint content: re-materialising an identical checkpoint adds none.
+    mat = asset_event.asset_materialization
+    version = (mat.tags or {}).get("dagster/data_version") if mat else None
     return dg.RunRequest(
-        run_key=f"rescore:{asset_event.storage_id}", tags=range_tags(context.instance)
+        run_key=f"rescore:{version or asset_event.run_id}", tags=range_tags(context.instance)
     )
 
 
