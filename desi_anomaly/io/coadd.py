@@ -171,7 +171,7 @@ def _latest_exposures(fits: fitsio.FITS, path: Path, tid: np.ndarray) -> dict[st
     # stably, so ties keep the file order.
     order = np.lexsort((exp["NIGHT"], etid)) if "NIGHT" in exp else np.argsort(etid, kind="stable")
     sorted_tid = etid[order]
-    is_last = np.r_[sorted_tid[1:] != sorted_tid[:-1], True] if len(etid) else []
+    is_last = np.r_[sorted_tid[1:] != sorted_tid[:-1], True] if len(etid) else np.zeros(0, bool)
     latest, latest_tid = order[is_last], sorted_tid[is_last]
     tid = tid.astype(np.int64, copy=False)
     at = np.searchsorted(latest_tid, tid).clip(max=max(len(latest) - 1, 0))
