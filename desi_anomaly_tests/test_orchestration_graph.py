@@ -131,7 +131,7 @@ def test_metadata_and_data_versions(pipeline):
     assert "low_snr" in cleaned.metadata["drop_reasons"].value
 
 
-def test_catalog_checks_pass_and_fail_when_they_should(pipeline, graph_drop):
+def test_catalog_checks_pass_and_fail_when_they_should(pipeline, graph_drop, tmp_path):
     instance, out, result, _ = pipeline
     checks = _checks(instance, result.run_ids[-1])
     assert checks["targetids_unique"].passed
@@ -151,6 +151,21 @@ def test_catalog_checks_pass_and_fail_when_they_should(pipeline, graph_drop):
 
     assert not rerun_catalog(recon_rchi2_max=0.0).passed  # nothing has chi2/pixel < 0
     assert rerun_catalog(recon_rchi2_max=1e9, recon_min_share=0.95).passed
+
+    # A known-anomaly list (RA, DEC, TYPE, NAME) is cross-matched with the scored spectra.
+    scores = pd.read_parquet(out / "scores.parquet").head(3)
+    known = tmp_path / "known.csv"
+    pd.DataFrame(
+        {
+            "RA": scores["TARGET_RA"],
+            "DEC": scores["TARGET_DEC"],
+            "TYPE": "BAL",
+            "NAME": [f"J{i}" for i in range(3)],
+        }
+    ).to_csv(known, index=False)
+    rerun_catalog(known_anomalies=str(known))
+    catalog = _latest(instance, "anomaly_catalog")
+    assert catalog.metadata["known_anomalies_matched"].value == 3
 
 
 def test_rerun_gives_identical_outputs(pipeline, graph_drop):

@@ -490,16 +490,21 @@ def anomaly_clusters(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def read_known_anomalies(path: str):
-    """A known-anomaly list (Parquet or CSV: TARGETID, KNOWN_TYPE, KNOWN_NAME)."""
+def known_matches(path: str, layout, keys: list[str]):
+    """TARGETID, KNOWN_TYPE, KNOWN_NAME of the scored spectra within the match radius of an entry
+    of a known-anomaly list (any format ``desi_anomaly.validation.read_known_anomalies`` reads:
+    RA/DEC plus type and name columns)."""
     import pandas as pd
 
-    path = Path(path)
-    table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-    missing = {"TARGETID", "KNOWN_TYPE", "KNOWN_NAME"} - set(table.columns)
-    if missing:
-        raise dg.Failure(description=f"{path}: known-anomaly list lacks {sorted(missing)}")
-    return table[["TARGETID", "KNOWN_TYPE", "KNOWN_NAME"]]
+    from desi_anomaly.validation import crossmatch_known, read_known_anomalies
+
+    known = read_known_anomalies(path)
+    cols = ["TARGETID", "TARGET_RA", "TARGET_DEC"]
+    positions = pd.concat(
+        [pd.read_parquet(layout.scores(k), columns=cols) for k in keys], ignore_index=True
+    )
+    matches = crossmatch_known(positions, known)
+    return matches.loc[matches["KNOWN_TYPE"] != "", ["TARGETID", "KNOWN_TYPE", "KNOWN_NAME"]]
 
 
 PREVIEW_COLUMNS = ("RANK", "TARGETID", "PARTITION", "Z", "ANOMALY_SCORE", "P_VALUE", "Q_VALUE")
@@ -529,8 +534,12 @@ def anomaly_catalog(
 ):
     layout = storage.layout
     keys = keys_with(context, layout.scores, what="anomaly scores")
-    known = read_known_anomalies(settings.known_anomalies) if settings.known_anomalies else None
     try:
+        known = (
+            known_matches(settings.known_anomalies, layout, keys)
+            if settings.known_anomalies
+            else None
+        )
         result = discovery.write_catalog(layout, keys, alpha=settings.alpha, known=known)
     except DesiAnomalyError as exc:
         raise dg.Failure(description=f"writing the catalog failed: {exc}") from exc
@@ -553,6 +562,11 @@ def anomaly_catalog(
     }
     if n_disc is not None:
         metadata["discoveries"] = dg.MetadataValue.int(n_disc)
+    if known is not None:
+        metadata["known_anomalies_matched"] = dg.MetadataValue.int(len(known))
+        metadata["known_anomalies_in_catalog"] = dg.MetadataValue.int(
+            int(catalog["TARGETID"].isin(known["TARGETID"]).sum())
+        )
     plots = [Path(p) for p in (getattr(result, "plots", None) or [])]
     if plots:
         metadata["top_anomalies"] = dg.MetadataValue.md(
@@ -642,9 +656,9 @@ def injection_recovery(
     os.replace(tmp, path)
     overall = recovery[(recovery["SNR_BIN"] == "all") & (recovery["Z_BIN"] == "all")]
     normal = table["ANOMALY"] == NO_ANOMALY
-    null_rate = {
-        method: float((table.loc[normal, q] < settings.alpha).mean())
-        for method, (_, q) in METHOD_COLUMNS.items()
+    null_rate = {  # (score, q-value[, p-value]) columns per method
+        method: float((table.loc[normal, cols[1]] < settings.alpha).mean())
+        for method, cols in METHOD_COLUMNS.items()
     }
     return dg.MaterializeResult(
         metadata={
@@ -654,10 +668,12 @@ def injection_recovery(
             "n_null": dg.MetadataValue.int(int(normal.sum())),
             "overall": dg.MetadataValue.md(
                 markdown_table(
-                    ("method", "class", "injected", "AUROC", "recall (q < alpha)"),
-                    overall[["METHOD", "ANOMALY", "N_INJECTED", "AUROC", "RECALL"]].itertuples(
-                        index=False
-                    ),
+                    ("method", "class", "injected", "AUROC", "recall (q < alpha)")
+                    + (("recall (p < alpha)",) if "RECALL_P" in overall else ()),
+                    overall[
+                        ["METHOD", "ANOMALY", "N_INJECTED", "AUROC", "RECALL"]
+                        + (["RECALL_P"] if "RECALL_P" in overall else [])
+                    ].itertuples(index=False),
                 )
             ),
             "null_false_positive_rate": dg.MetadataValue.json(null_rate),
