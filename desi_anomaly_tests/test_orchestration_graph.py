@@ -222,3 +222,34 @@ def test_new_checkpoint_marks_latents_stale_until_rescore_all(pipeline, graph_dr
     ckpt_sha = _sha256(out / "model" / "vae_checkpoint.pt")
     for k in instance.get_dynamic_partitions(PARTITIONS_NAME):
         assert _latest(instance, "latents", k).metadata["checkpoint_sha256"].value == ckpt_sha
+
+
+def test_run_all_leaves_a_corrupt_partition_out(small_drop, tmp_path):
+    """A truncated coadd fails its own ingest run with the file named; the others go on."""
+    import shutil
+
+    from desi_anomaly.io.partitions import discover
+
+    data = tmp_path / "data"
+    shutil.copytree(small_drop, data)
+    bad = discover(data).complete[0]
+    raw = bad.coadd.read_bytes()
+    bad.coadd.write_bytes(raw[: len(raw) // 2])
+    lines: list[str] = []
+    with dg.instance_for_test() as instance:
+        result = run_all(
+            data,
+            tmp_path / "out",
+            settings=PipelineSettings(**TINY),
+            ray_cluster=LoopbackRay(num_cpus=1),
+            instance=instance,
+            echo=lines.append,
+        )
+        assert list(result.failed) == [str(bad.key)]
+        assert str(bad.coadd) in result.failed[str(bad.key)]
+        assert str(bad.key) not in instance.get_dynamic_partitions(PARTITIONS_NAME)
+        good = [k for k in result.partitions if k != str(bad.key)]
+        for key in good:
+            assert (tmp_path / "out" / "cleaned" / f"{key}.parquet").is_file()
+        assert not result.success  # a partition failed (and 2 small files are too few to score)
+    assert any("FAILED" in line and str(bad.coadd) in line for line in lines)

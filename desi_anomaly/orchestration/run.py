@@ -186,14 +186,15 @@ def run_all(
     result.run_ids.append(run.run_id)
     if not run.success:
         echo(f"FAILED: {_failure_message(run)}")
-        return result
     event = instance.get_latest_materialization_event(dg.AssetKey("anomaly_catalog"))
-    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    if event is None or event.run_id != run.run_id:  # no catalog from this run
+        return result
+    meta = event.asset_materialization.metadata if event.asset_materialization else {}
     outputs = dict(meta["outputs"].value) if "outputs" in meta else {}
     result.outputs = publish(outputs, out_dir)
     if "catalog_parquet" in result.outputs:
         result.catalog = pd.read_parquet(result.outputs["catalog_parquet"])
-    result.success = not result.failed
+    result.success = run.success and not result.failed
     for name, path in result.outputs.items():
         echo(f"{name}: {path}")
     if result.catalog is not None:
