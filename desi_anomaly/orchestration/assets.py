@@ -46,6 +46,11 @@ from .metadata import (
 )
 from .resources import DataRootResource, PipelineSettings, StorageResource
 
+# backfill_policy is "beta" in Dagster 1.13; the multi-run policy is a deliberate choice here.
+warnings.filterwarnings(
+    "ignore", message="Parameter `backfill_policy` of function `asset`", category=dg.BetaWarning
+)
+
 PARTITIONS_NAME = "healpix"
 healpix_partitions = dg.DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 #: Partitions per run when a backfill covers many partitions (``DESI_ANOMALY_PARTITIONS_PER_RUN``).

@@ -120,13 +120,15 @@ def run_all(
     duckdb_path: str | None = None,
     n_top: int = 10,
     echo: Callable[[str], None] | None = None,
+    log_level: str = "WARNING",
 ) -> RunAllResult:
     """Materialise every asset on ``data_root`` with outputs under ``out_dir`` (see module doc).
 
     ``settings``: stage settings and check thresholds (default ``PipelineSettings()``);
     ``ray_cluster``: a dagster-ray resource (default from ``DESI_ANOMALY_RAY_ADDRESS``, else a
     local runtime on 127.0.0.1 shut down after the run). ``echo`` receives progress lines
-    (default: stderr) and the top ``n_top`` anomalies.
+    (default: stderr) and the top ``n_top`` anomalies; Dagster's console log shows ``log_level``
+    and above (the full event log is in the instance either way).
     """
     from desi_anomaly.io.partitions import discover
 
@@ -140,6 +142,7 @@ def run_all(
         "ray_cluster": ray_cluster if ray_cluster is not None else ray_from_env(),
         "settings": settings or PipelineSettings(),
     }
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     found = discover(data_root)
     result = RunAllResult(partitions=[str(f.key) for f in found.complete], waiting=found.incomplete)
     for key, problem in found.incomplete.items():
@@ -155,6 +158,7 @@ def run_all(
             instance=instance,
             resources=resources,
             partition_key=key,
+            run_config=run_config,
             raise_on_error=False,
             tags={"desi_anomaly/run_all": "ingest"},
         )
@@ -176,6 +180,7 @@ def run_all(
         selection=DOWNSTREAM,
         instance=instance,
         resources=resources,
+        run_config=run_config,
         raise_on_error=False,
         tags={
             ASSET_PARTITION_RANGE_START_TAG: keys[0],
