@@ -12,6 +12,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from desi_anomaly.ml.training import file_sha256
+
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table (cells formatted, pipes escaped)."""
@@ -65,14 +67,6 @@ def loss_curve_markdown(history: Sequence[Mapping[str, float]]) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return f"![loss curve](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(path: str | Path) -> dict[str, object]:
