@@ -6,6 +6,7 @@ on a coarse 128-pixel rest-frame grid so that tiny models train in a second.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -259,3 +260,12 @@ def test_fewer_spectra_than_a_batch(shards, tmp_path):
     vae = load_checkpoint(train_vae([few], tmp_path / "vae", config))
     table = encode_shard(vae, read_shard(few), batch_size=256)
     assert table.num_rows == len(read_shard(few)) > 0
+
+
+def test_learning_rate_decays_from_lr_to_its_final_fraction():
+    from desi_anomaly.ml.training import learning_rate
+
+    config = VAEConfig(lr=2e-3, lr_final_fraction=0.05, epochs=10)
+    rates = [learning_rate(config, epoch) for epoch in range(12)]
+    assert rates[0] == pytest.approx(2e-3) and rates[10] == pytest.approx(1e-4) == rates[11]
+    assert all(a > b for a, b in itertools.pairwise(rates[:11]))

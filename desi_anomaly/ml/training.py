@@ -189,6 +189,8 @@ def train_vae(
 
     while not state["finished"]:
         start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, state["epoch"])
         model.train()
         total, pixels = 0.0, 0
         for idx in _batches(rng.permutation(train_idx), config.batch_size):
@@ -220,6 +222,14 @@ def train_vae(
         if progress is not None:
             progress(record)
     return path
+
+
+def learning_rate(config: VAEConfig, epoch: int) -> float:
+    """Cosine decay from ``lr`` at epoch 0 to ``lr * lr_final_fraction`` at ``epochs`` (a
+    function of the epoch alone, so a resumed training follows the same schedule)."""
+    progress = min(epoch / max(config.epochs, 1), 1.0)
+    low = config.lr * config.lr_final_fraction
+    return float(low + 0.5 * (config.lr - low) * (1.0 + np.cos(np.pi * progress)))
 
 
 def mean_spectrum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ class VAEConfig:
     transmission fluctuations, as a fraction of the squared model flux, added to the noise of
     pixels blueward of ``forest_max_wave`` (rest A): the forest is stochastic intergalactic
     absorption that no model of the quasar reproduces (DESI's Lya analyses call it var_lss).
+    ``lr`` decays along a cosine to ``lr * lr_final_fraction`` at ``epochs``.
     ``batch_size``: on CPU the cost per spectrum of a training step falls steeply with the batch
     size up to about 64. ``patience``: epochs without a better validation loss before early
     stopping.
@@ -54,6 +55,7 @@ class VAEConfig:
     forest_var: float = 0.1
     forest_max_wave: float = 1200.0
     lr: float = 2e-3
+    lr_final_fraction: float = 0.05
     batch_size: int = 64
     epochs: int = 30
     patience: int = 5
