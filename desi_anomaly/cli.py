@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Demo size: enough spectra for the conformal p-values to resolve q < 0.01 (see
 #: ``desi_anomaly.splits``), small enough to run in minutes on two cores.
-DEMO_TILES, DEMO_PER_TILE, DEMO_OTHERS, DEMO_EPOCHS = 40, 150, 100, 8
+DEMO_TILES, DEMO_PER_TILE, DEMO_OTHERS, DEMO_EPOCHS = 40, 150, 100, 30
 
 
 def _add_mock_arguments(

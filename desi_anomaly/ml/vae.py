@@ -54,11 +54,11 @@ class VAEConfig:
     line_half_width_kms: float = 10_000.0
     forest_var: float = 0.1
     forest_max_wave: float = 1200.0
-    lr: float = 2e-3
+    lr: float = 1e-3
     lr_final_fraction: float = 0.05
     batch_size: int = 64
     epochs: int = 30
-    patience: int = 5
+    patience: int = 8
     seed: int = 0
     val_fraction: float = 0.1
 
