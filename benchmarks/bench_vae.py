@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine
+from report import machine, update_section
 
 from desi_anomaly.ingest import clean_partitions
 from desi_anomaly.io.partitions import discover
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "bench-vae")
     ap.add_argument("--fresh", action="store_true", help="retrain even if a checkpoint exists")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = ap.parse_args()
 
     shards = prepare(args.data, args.tiles, args.per_tile)
@@ -125,6 +126,36 @@ def main() -> None:
     }
     (args.data / "bench_vae.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps({k: v for k, v in figures.items() if k != "config"}, indent=2))
+    update_section(args.doc, "vae", _markdown(args, figures))
+
+
+def _markdown(args: argparse.Namespace, f: dict) -> str:
+    q = f["rchi2_quantiles"]
+    rows = [
+        ("held-out normal spectra", f["n_heldout_normal"]),
+        ("epochs run", f["epochs_run"]),
+        (
+            f"reconstruction accuracy (reduced chi2 < {RCHI2_GOOD}; target 95%)",
+            f"{f['reconstruction_accuracy']:.1%}",
+        ),
+        ("reduced chi2 p50 / p90 / p95 / p99", " / ".join(f"{v:.2f}" for v in q.values())),
+        (
+            f"training s per epoch per 10k spectra ({f['train_threads']} threads)",
+            f"{f['train_seconds_per_epoch_per_10k']:.1f}",
+        ),
+        ("encoding spectra/s on one core", f"{f['encode_spectra_per_s_per_core']:.0f}"),
+        ("peak RSS (MiB)", f"{f['peak_rss_mib']:.0f}"),
+    ]
+    table = "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return f"""## VAE: reconstruction accuracy, training and encoding speed
+
+Command: `python benchmarks/bench_vae.py --tiles {args.tiles} --per-tile {args.per_tile}
+--epochs {args.epochs} --threads {args.threads}` ({f["machine"]}). Mock drop without anomalies;
+the VAE (default config: {f["config"]["latent_dim"]}-d latent, {f["config"]["npix"]} pixels)
+trains on 80% of the partitions ({f["n_train_spectra"]} spectra) and encodes the other 20%.
+
+{table}
+"""
 
 
 if __name__ == "__main__":
