@@ -370,7 +370,9 @@ def write_catalog(
         else pd.DataFrame({"TARGETID": [], "CLUSTER": [], "TYPE": []})
     )
     if known is not None:
-        clusters = clusters.merge(known, on="TARGETID", how="outer")
+        from desi_anomaly.validation.known import merge_known  # validation imports this module
+
+        clusters = merge_known(clusters, known)
     vae = load_checkpoint(layout.checkpoint)
     catalog = build_catalog(scores, clusters, alpha=alpha, checkpoint_sha256=vae.sha256)
     out = layout.catalog_dir
