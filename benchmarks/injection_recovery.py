@@ -1,10 +1,11 @@
 """Benchmark: injection-recovery of synthetic anomalies, detector ensemble vs a PCA baseline.
 
-Generates (or reuses) a mock DESI drop without anomalies, reads its QSO spectra and splits them by
-TARGETID hash (``discovery.assign_split``): train spectra train a small VAE on the default
-4000-pixel rest grid and fit the ensemble and the PCA baseline, calibration spectra calibrate the
-conformal p-values of both, and every test spectrum is scored as it is and with each anomaly class
-injected into its observed flux (then preprocessed like any spectrum). The same is done, with the
+Generates (or reuses) a mock DESI drop without anomalies, reads its QSO spectra and splits them
+by TARGETID hash (``desi_anomaly.splits.assign_split``): train spectra train a small VAE on a
+rest grid of ``--npix`` pixels over the default range (1000; the design grid has 4000) and fit
+the ensemble and the PCA baseline, calibration spectra calibrate the conformal p-values of both,
+and every test spectrum is scored as it is and with each anomaly class injected into its
+observed flux (then preprocessed like any spectrum). The same is done, with the
 mock-trained models, on the real DESI EDR QSO spectra in ``../shared/data`` when present.
 
 Writes ``docs/injection_recovery.md`` (tables and the command) and, under ``--data``, the labelled
@@ -16,6 +17,7 @@ scores as ADBench-style ``injection_recovery.npz`` and the full per-bin table as
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -30,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine
 
-from desi_anomaly.discovery import assign_split
 from desi_anomaly.ingest import write_cleaned_shard
 from desi_anomaly.io.coadd import read_qso_spectra
 from desi_anomaly.io.partitions import discover
@@ -38,6 +39,7 @@ from desi_anomaly.io.redshifts import QSOCatalog
 from desi_anomaly.ml import VAEConfig, load_checkpoint, train_vae
 from desi_anomaly.mock.anomalies import ANOMALY_KINDS
 from desi_anomaly.preprocess import DEFAULT_GRID, PreprocessConfig, RestFrameGrid, preprocess
+from desi_anomaly.splits import assign_split
 from desi_anomaly.validation import (
     METHOD_COLUMNS,
     NO_ANOMALY,
@@ -96,6 +98,10 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
+def _config_hash(config: VAEConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiles", type=int, default=30, help="healpix files in the mock drop")
@@ -150,7 +156,7 @@ def main() -> None:
     start = time.perf_counter()
     checkpoint = train_vae(
         shards,
-        args.data / f"vae-{args.npix}-{args.latent_dim}-{args.epochs}",
+        args.data / f"vae-{_config_hash(vae_config)}",  # a changed config trains anew
         vae_config,
         progress=lambda r: log(
             f"  epoch {r['epoch']}: train {r['train_loss']:.3f} val {r['val_loss']:.3f} "
