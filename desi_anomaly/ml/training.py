@@ -39,6 +39,10 @@ class CheckpointError(DesiAnomalyError):
     """A checkpoint that cannot be used: names the file and the problem."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A saved checkpoint that cannot be resumed: other config, grid or training shards."""
+
+
 class TrainingDataError(DesiAnomalyError):
     """Training shards that cannot be used together (different grids, too few spectra)."""
 
@@ -307,7 +311,7 @@ def _check_resumable(path, saved, config, grid, fingerprint) -> None:
     if saved["training_data"] != fingerprint:
         problems.append("it was trained on other shards or another max_spectra")
     if problems:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path}: cannot resume: {'; '.join(problems)}. Pass resume=False to start over "
             "or use another output folder"
         )

@@ -274,7 +274,7 @@ def vae_checkpoint(
     settings: PipelineSettings,
     ray_cluster: RayResource,  # connected for the step: training runs as a Ray task
 ):
-    from desi_anomaly.ml.training import CheckpointError, load_checkpoint
+    from desi_anomaly.ml.training import CheckpointMismatchError, load_checkpoint
 
     layout = storage.layout
     keys = keys_with(context, layout.cleaned, what="a cleaned shard")
@@ -285,9 +285,7 @@ def vae_checkpoint(
             path = discovery.train_checkpoint(
                 layout, keys, config, max_spectra=settings.max_train_spectra
             )
-        except CheckpointError as exc:
-            if "cannot resume" not in str(exc):
-                raise
+        except CheckpointMismatchError as exc:
             # Another config or other shards than the saved checkpoint: train from scratch.
             context.log.info(f"starting over: {exc}")
             path = discovery.train_checkpoint(
