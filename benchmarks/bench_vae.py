@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -123,6 +124,7 @@ def main() -> None:
         "train_seconds_per_epoch_per_10k": epoch_seconds * 1e4 / n_train,
         "encode_spectra_per_s_per_core": n_encoded / encode_seconds,
         "peak_rss_mib": _peak_mib(),
+        "load_average_1min_at_end": os.getloadavg()[0],
     }
     (args.data / "bench_vae.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps({k: v for k, v in figures.items() if k != "config"}, indent=2))
@@ -145,6 +147,10 @@ def _markdown(args: argparse.Namespace, f: dict) -> str:
         ),
         ("encoding spectra/s on one core", f"{f['encode_spectra_per_s_per_core']:.0f}"),
         ("peak RSS (MiB)", f"{f['peak_rss_mib']:.0f}"),
+        (
+            "load average at the end (other jobs share the 2 cores)",
+            f"{f['load_average_1min_at_end']:.1f}",
+        ),
     ]
     table = "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     return f"""## VAE: reconstruction accuracy, training and encoding speed
@@ -153,6 +159,10 @@ Command: `python benchmarks/bench_vae.py --tiles {args.tiles} --per-tile {args.p
 --epochs {args.epochs} --threads {args.threads}` ({f["machine"]}). Mock drop without anomalies;
 the VAE (default config: {f["config"]["latent_dim"]}-d latent, {f["config"]["npix"]} pixels)
 trains on 80% of the partitions ({f["n_train_spectra"]} spectra) and encodes the other 20%.
+A rerun without `--fresh` reuses a finished checkpoint (training figures from its history) and
+measures the encoding again. Reduced chi2 is chi2 / (good pixels), not subtracting the
+{f["config"]["linear_dim"]} eigenspectrum coefficients solved per spectrum from the degrees of
+freedom.
 
 {table}
 """

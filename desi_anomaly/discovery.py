@@ -40,7 +40,7 @@ from desi_anomaly.ml import (
     train_vae,
 )
 from desi_anomaly.ml.anomaly_types import AnomalyTypes, find_anomaly_types
-from desi_anomaly.ml.detectors import AnomalyEnsemble
+from desi_anomaly.ml.detectors import AnomalyEnsemble, residual_matrix
 from desi_anomaly.ml.raydispatch import encode_shards_on_ray, train_on_ray
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
 from desi_anomaly.ml.training import CHECKPOINT_NAME
@@ -161,8 +161,8 @@ def fit_detector(
 ) -> tuple[AnomalyEnsemble, ConformalCalibrator]:
     """Fit the ensemble on train-split latents and calibrate on the calibration split; save both.
 
-    Only the LATENT/RECON_RCHI2/SNR/Z columns of each partition are held, and the training sample
-    is capped at ``max_train`` spectra. Strata hold ``stratum_size(alpha,
+    Only the latents, residual statistics, S/N and Z of each partition are held, and the training
+    sample is capped at ``max_train`` spectra. Strata hold ``stratum_size(alpha,
     min_discovery_fraction)`` calibration spectra (one stratum when there are fewer).
     """
     frames = [partition_inputs(layout, k) for k in keys]
@@ -177,11 +177,16 @@ def fit_detector(
             f"{len(train)} training and {len(calib)} calibration spectra: need both to be non-empty"
         )
     ensemble = AnomalyEnsemble().fit(
-        np.stack(train["LATENT"].to_numpy()), train["RECON_RCHI2"].to_numpy(), seed=seed
+        np.stack(train["LATENT"].to_numpy()),
+        residual_matrix(train),
+        train["SNR_MEDIAN"].to_numpy(),
+        seed=seed,
     )
     calib = calib[np.isfinite(calib["RECON_RCHI2"])]
     cal_scores = ensemble.score(
-        np.stack(calib["LATENT"].to_numpy()), calib["RECON_RCHI2"].to_numpy()
+        np.stack(calib["LATENT"].to_numpy()),
+        residual_matrix(calib),
+        calib["SNR_MEDIAN"].to_numpy(),
     )["ANOMALY_SCORE"].to_numpy()
     calibrator = ConformalCalibrator().fit(
         cal_scores,
@@ -208,7 +213,8 @@ def score_partition(
     ok = np.isfinite(table["RECON_RCHI2"].to_numpy())
     scores = ensemble.score(
         np.stack(table.loc[ok, "LATENT"].to_numpy()).reshape(int(ok.sum()), -1),
-        table.loc[ok, "RECON_RCHI2"].to_numpy(),
+        residual_matrix(table.loc[ok]),
+        table.loc[ok, "SNR_MEDIAN"].to_numpy(),
     )
     out = table.drop(columns=["LATENT"])
     for col in scores.columns:

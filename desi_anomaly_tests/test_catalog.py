@@ -50,6 +50,8 @@ def make_scores(n_per_key: int = 300, seed: int = 0) -> pd.DataFrame:
                 "FIBER": rng.integers(0, 5000, n).astype(np.int32),
                 "LASTNIGHT": np.full(n, 20220101 + i, np.int32),
                 "RECON_RCHI2": rng.uniform(0.8, 3.0, n),
+                "RESID_DIP": rng.uniform(2.0, 30.0, n),
+                "RESID_PEAK": rng.uniform(2.0, 30.0, n),
             }
         )
         for col in FEATURE_COLUMNS[:-1]:

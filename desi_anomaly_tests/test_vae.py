@@ -87,10 +87,33 @@ def test_config_round_trips_through_json_and_rejects_unknown_keys():
 def test_model_reconstructs_the_whole_grid_for_any_pixel_count():
     config = VAEConfig(npix=250, latent_dim=5, channels=(4, 8, 8))
     model = SpectrumVAE(config)
-    flux, good = torch.randn(3, 250), torch.zeros(3, 250)
-    good[:, 40:120] = 1.0  # partial coverage
-    recon, mu, logvar = model(flux, good)
+    flux, ivar = torch.randn(3, 250), torch.zeros(3, 250)
+    ivar[:, 40:120] = 1.0  # partial coverage
+    recon, mu, logvar, coef = model(flux, ivar)
     assert recon.shape == (3, 250) and mu.shape == logvar.shape == (3, 5)
+    assert coef.shape == (3, config.linear_dim)
+
+
+def test_linear_coefficients_are_the_weighted_least_squares_map():
+    torch.manual_seed(1)
+    model = SpectrumVAE(VAEConfig(npix=200, latent_dim=4, linear_dim=3, channels=(4, 8)))
+    with torch.no_grad():
+        model.eigen.copy_(torch.randn(200, 3))
+    base = torch.ones(2, 200, dtype=torch.float64)
+    truth = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]], dtype=torch.float64)
+    flux = base + truth @ model.eigen.detach().double().T
+    ivar = torch.full((2, 200), 1e4, dtype=torch.float64)
+    ivar[:, :120] = 0.0  # the fit uses only pixels with data
+    flux[:, :120] = 1e3
+    coef = model.linear_coefficients(flux, ivar, base)
+    # the unit prior shrinks the coefficients by about 1 / (1 + 1 / (ivar |e|^2)): ~1e-6 here
+    torch.testing.assert_close(coef, truth, rtol=1e-4, atol=1e-4)
+    weak = model.linear_coefficients(flux, ivar * 1e-6, base)  # the prior matters at low S/N
+    assert (weak.norm(dim=1) < 0.6 * truth.norm(dim=1)).all()
+    e, w = model.eigen.detach().double().numpy(), 1e-2 * (ivar[0] > 0).numpy()
+    rhs = e.T @ (w * (flux[0] - 1).numpy())
+    expected = np.linalg.solve(e.T @ (w[:, None] * e) + np.eye(3), rhs)
+    np.testing.assert_allclose(weak[0].detach().numpy(), expected, rtol=1e-6)
 
 
 def test_loss_ignores_pixels_without_data():
@@ -193,7 +216,7 @@ def test_encoding_writes_latents_with_provenance_and_skips_done_partitions(
     assert result.ok and not result.skipped and result.n_spectra == len(read_shard(shards[3]))
     path = latents_path(tmp_path, "main-dark-13")
     table = pq.read_table(path)
-    assert table.schema.field("LATENT").type.list_size == TINY.latent_dim
+    assert table.schema.field("LATENT").type.list_size == TINY.code_dim
     assert str(table.schema.field("LATENT").type.value_type) == "float"
     assert set(table.column("PARTITION").to_pylist()) == {"main-dark-13"}
     rchi2 = table.column("RECON_RCHI2").to_numpy()
@@ -235,7 +258,7 @@ def test_empty_shard_gives_an_empty_latents_file(trained, tmp_path):
     result = encode_partition(load_checkpoint(trained), shard_path, tmp_path / "out")
     assert result.ok and result.n_spectra == 0
     table = pq.read_table(result.latents)
-    assert table.num_rows == 0 and table.schema.field("LATENT").type.list_size == TINY.latent_dim
+    assert table.num_rows == 0 and table.schema.field("LATENT").type.list_size == TINY.code_dim
 
 
 def test_non_finite_pixels_are_masked_not_propagated(trained, shards):

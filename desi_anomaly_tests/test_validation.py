@@ -219,7 +219,7 @@ def test_injection_recovery_chain_scores_labels_and_qvalues(detectors):
     kinds = ["bal", "dla", "spikes"]
     scored = inject_and_score(detectors, test, kinds, np.random.default_rng(5), config=CONFIG)
     table = add_qvalues(scored.table)
-    assert len(table) == len(scored.latents) and scored.latents.shape[1] == TINY.latent_dim
+    assert len(table) == len(scored.latents) and scored.latents.shape[1] == TINY.code_dim
     counts = table["ANOMALY"].value_counts()
     assert counts[NO_ANOMALY] == 60 and all(counts[k] + scored.n_dropped[k] == 60 for k in kinds)
     # each injected row points at its original, whose S/N and z are used for binning

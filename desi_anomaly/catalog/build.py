@@ -23,6 +23,7 @@ import pandas as pd
 from desi_anomaly.errors import DesiAnomalyError
 from desi_anomaly.io.partitions import parse_key
 from desi_anomaly.ml.anomaly_types import TYPE_ARTEFACT, TYPE_NAMES
+from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
 from desi_anomaly.preprocess.features import BROAD_LINES
 
 #: Anomaly types named by the clustering step; ``TYPE_ARTEFACT`` is instrumental.
@@ -36,7 +37,7 @@ NOISE_CLUSTER = -1
 #: Columns the scores table must have (one row per scored spectrum).
 SCORES_REQUIRED = ("TARGETID", "PARTITION", "ANOMALY_SCORE", "P_VALUE", "Q_VALUE")
 #: Columns of the scores outputs besides SCORES_REQUIRED, kept when the scores have them.
-SCORES_OPTIONAL = ("TARGET_RA", "TARGET_DEC", "Z", "SNR_MEDIAN", "RECON_RCHI2")
+SCORES_OPTIONAL = ("TARGET_RA", "TARGET_DEC", "Z", "SNR_MEDIAN", *RESIDUAL_COLUMNS)
 
 FEATURE_COLUMNS: tuple[str, ...] = (
     "ALPHA_CONT",
@@ -46,8 +47,8 @@ FEATURE_COLUMNS: tuple[str, ...] = (
 )
 PROVENANCE_COLUMNS = ("TILEID", "FIBER", "LASTNIGHT", "SOURCE_FILE", "CHECKPOINT_SHA256")
 
-#: Catalog columns in order; PROVENANCE_COLUMNS[:3], SNR_MEDIAN, RECON_RCHI2 and features are
-#: present when the scores table has them.
+#: Catalog columns in order; PROVENANCE_COLUMNS[:3], SNR_MEDIAN, the residual statistics and
+#: features are present when the scores table has them.
 CATALOG_COLUMNS: tuple[str, ...] = (
     "TARGETID",
     "PARTITION",
@@ -64,7 +65,7 @@ CATALOG_COLUMNS: tuple[str, ...] = (
     "KNOWN_NAME",
     "FOLLOWUP_PRIORITY",
     "SNR_MEDIAN",
-    "RECON_RCHI2",
+    *RESIDUAL_COLUMNS,
     *PROVENANCE_COLUMNS,
     *FEATURE_COLUMNS,
 )
@@ -96,6 +97,8 @@ DESCRIPTIONS: dict[str, str] = {
     "FOLLOWUP_PRIORITY": "high / medium / low follow-up priority",
     "SNR_MEDIAN": "median per-pixel S/N over good observed pixels",
     "RECON_RCHI2": "reduced chi2 of the VAE reconstruction",
+    "RESID_DIP": "strongest missed absorption, box-filter significance (sigma)",
+    "RESID_PEAK": "strongest missed emission, box-filter significance (sigma)",
     "TILEID": "tile of the latest exposure",
     "FIBER": "fibre of the latest exposure",
     "LASTNIGHT": "night (YYYYMMDD) of the latest exposure",

@@ -1,4 +1,5 @@
-"""Anomaly detectors on VAE latents, combined with the reconstruction chi2 into one anomaly score.
+"""Anomaly detectors on VAE latents, combined with reconstruction residual statistics into one
+anomaly score.
 
 Components (each one a score, larger = more anomalous):
 
@@ -9,7 +10,11 @@ Components (each one a score, larger = more anomalous):
 - ``KNN``: PyOD k-nearest-neighbour mean distance (proximity) in the leading principal components of
   the latents, against a capped reference sample, so that scoring costs O(reference size) per
   spectrum at any catalogue size.
-- ``RECON``: the VAE reconstruction reduced chi2 (``RECON_RCHI2``) as given.
+- ``RECON``, ``DIP``, ``PEAK``: the VAE reconstruction's reduced chi2 and its strongest missed
+  absorption and emission feature (``RECON_RCHI2``, ``RESID_DIP``, ``RESID_PEAK`` of
+  ``desi_anomaly.ml.residuals``), on a log scale: their upper tails are close to power laws (the
+  misfit of rare but normal spectra grows with S/N), which the exponential tail below would
+  extrapolate far too steeply on the raw scale.
 
 ECOD/COPOD are not used: PyOD scores new rows by recomputing the ECDFs over the training set plus
 the whole batch, so a spectrum's score depends on which other spectra share its batch, and every
@@ -18,14 +23,18 @@ log-densities and saturates outside the histogram range, so large single-directi
 lost in the sum over 128 dimensions.
 
 Combination rule. ``fit`` holds out a random ``reference_fraction`` of the training rows, fits the
-detectors on the rest and scores the held-out rows as new data. For each component the tail
-probability of a score s is ``(1 + #{ref >= s}) / (n_ref + 1)`` (rank normalisation); beyond the
-``(m+1)``-th largest reference score u (m = min(100, n_ref // 10)) it is extrapolated with an
-exponential tail, ``(m + 1) / (n_ref + 1) * exp(-(s - u) / scale)`` with scale = mean excess of the
-top m, so extreme spectra keep distinct scores instead of tying at ``1 / (n_ref + 1)``. The combined
-``ANOMALY_SCORE`` is the mean over the four components of ``-ln(tail probability)``: about 1 for a
-typical spectrum, large when several components agree or one is extreme. It is a ranking score, not
-a p-value; ``desi_anomaly.ml.significance`` calibrates it.
+detectors on the rest and scores the held-out rows as new data. The reference rows are split into
+S/N bins of equal size (at least ``min_per_snr_bin`` rows each): a spectrum's components are
+compared with the reference spectra of its S/N bin only, since noise changes every component
+(reconstruction misfit grows with S/N, latents scatter more at low S/N) and the score of a normal
+spectrum should not track S/N. Within its bin, the tail probability of a component score s is
+``(1 + #{ref >= s}) / (n_ref + 1)`` (rank normalisation); beyond the ``(m+1)``-th largest reference
+score u (m = min(100, n_ref // 10)) it is extrapolated with an exponential tail,
+``(m + 1) / (n_ref + 1) * exp(-(s - u) / scale)`` with scale = mean excess of the top m, so extreme
+spectra keep distinct scores instead of tying at ``1 / (n_ref + 1)``. The combined
+``ANOMALY_SCORE`` is the largest ``-ln(tail probability)`` over the components: about 2.4
+(ln 6 + Euler's constant) for a typical spectrum, large when any one component is extreme. It is a
+ranking score, not a p-value; ``desi_anomaly.ml.significance`` calibrates it.
 """
 
 from __future__ import annotations
@@ -53,8 +62,12 @@ from desi_anomaly import __version__
 from desi_anomaly.atomic import atomic_path
 from desi_anomaly.errors import DesiAnomalyError
 
-COMPONENTS = ("IFOREST", "PCA", "KNN", "RECON")
-LATENT_DETECTORS = COMPONENTS[:3]
+from .residuals import RESIDUAL_COLUMNS
+
+LATENT_DETECTORS = ("IFOREST", "PCA", "KNN")
+#: Residual components and the latents-table columns they read (``RESIDUAL_COLUMNS`` order).
+RESIDUAL_COMPONENTS = dict(zip(("RECON", "DIP", "PEAK"), RESIDUAL_COLUMNS, strict=True))
+COMPONENTS = (*LATENT_DETECTORS, *RESIDUAL_COMPONENTS)
 SCORE_COLUMNS = (
     *(f"SCORE_{name}" for name in LATENT_DETECTORS),
     *(f"TAILP_{name}" for name in COMPONENTS),
@@ -62,7 +75,7 @@ SCORE_COLUMNS = (
 )
 MIN_REFERENCE_ROWS = 50
 FORMAT = "desi_anomaly.AnomalyEnsemble"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class AnomalyInputError(DesiAnomalyError, ValueError):
@@ -87,6 +100,8 @@ class EnsembleConfig:
     knn_reference_size: int = 10_000
     knn_pca_components: int = 32
     reference_fraction: float = 0.2
+    min_per_snr_bin: int = 200
+    max_snr_bins: int = 8
     chunk_size: int = 32_768  # rows scored at once inside ``score``, bounds temporary memory
     n_jobs: int = 1  # threads (joblib, BLAS, OpenMP); the pipeline parallelises over shards
 
@@ -114,6 +129,37 @@ class _TailModel:
         return nlp
 
 
+class _SnrTails:
+    """Tail models of every component within S/N bins of the reference rows (see module doc)."""
+
+    def __init__(self, scores: dict[str, np.ndarray], snr: np.ndarray, per_bin: int, max_bins: int):
+        n_bins = int(np.clip(len(snr) // max(per_bin, 1), 1, max_bins))
+        self.edges = np.quantile(snr, np.linspace(0, 1, n_bins + 1)[1:-1])
+        bins = self.bin(snr)
+        self.tails = [
+            {name: _TailModel(values[bins == b]) for name, values in scores.items()}
+            for b in range(n_bins)
+        ]
+
+    def bin(self, snr: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.edges, snr, side="right")
+
+    def neg_log(self, scores: dict[str, np.ndarray], snr: np.ndarray) -> dict[str, np.ndarray]:
+        """``-ln`` tail probability of each component's scores in each row's S/N bin."""
+        bins = self.bin(snr)
+        out = {name: np.empty(len(snr)) for name in scores}
+        for b, tails in enumerate(self.tails):
+            rows = bins == b
+            for name, values in scores.items():
+                out[name][rows] = tails[name].neg_log(values[rows])
+        return out
+
+
+def combine(neg_log_tail: np.ndarray) -> np.ndarray:
+    """ANOMALY_SCORE from the (n_components, n) ``-ln`` tail probabilities."""
+    return neg_log_tail.max(axis=0)
+
+
 def check_finite_rows(name: str, *columns: np.ndarray) -> None:
     """Raise ``AnomalyInputError`` naming how many rows hold a NaN or infinite value."""
     good = np.ones(len(columns[0]), dtype=bool)
@@ -130,26 +176,36 @@ def check_finite_rows(name: str, *columns: np.ndarray) -> None:
 
 
 def _as_inputs(
-    latents: np.ndarray, recon_rchi2: np.ndarray, latent_dim: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+    latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray, latent_dim: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = np.asarray(latents, dtype=np.float32)
-    r = np.asarray(recon_rchi2, dtype=np.float64)
+    r = np.asarray(residuals, dtype=np.float64)
+    s = np.asarray(snr, dtype=np.float64)
     if x.ndim != 2:
         raise AnomalyInputError(f"latents must be 2-D (n_spectra, latent_dim), got shape {x.shape}")
-    if r.shape != (x.shape[0],):
+    if r.shape != (x.shape[0], len(RESIDUAL_COLUMNS)):
         raise AnomalyInputError(
-            f"recon_rchi2 must have shape ({x.shape[0]},) to match the latents, got {r.shape}"
+            f"residuals must have shape ({x.shape[0]}, {len(RESIDUAL_COLUMNS)}) (columns "
+            f"{', '.join(RESIDUAL_COLUMNS)}) to match the latents, got {r.shape}"
         )
+    if s.shape != (x.shape[0],):
+        raise AnomalyInputError(f"snr must have shape ({x.shape[0]},), got {s.shape}")
     if latent_dim is not None and x.shape[1] != latent_dim:
         raise AnomalyInputError(
             f"the detector was fitted on {latent_dim}-d latents, got {x.shape[1]}-d latents"
         )
-    check_finite_rows("latents or RECON_RCHI2", x, r)
-    return x, r
+    check_finite_rows("latents, residual statistics or S/N", x, r, s)
+    return x, r, s
+
+
+def residual_matrix(table: pd.DataFrame) -> np.ndarray:
+    """(n, 3) residual statistics (``RESIDUAL_COLUMNS``) of a latents or scores table."""
+    return table[list(RESIDUAL_COLUMNS)].to_numpy(dtype=np.float64)
 
 
 class AnomalyEnsemble:
-    """Isolation Forest + PCA + KNN on latents, plus RECON_RCHI2, combined into ANOMALY_SCORE."""
+    """Isolation Forest + PCA + KNN on latents plus the residual statistics, combined into
+    ANOMALY_SCORE within S/N bins."""
 
     def __init__(self, config: EnsembleConfig | None = None):
         self.config = config or EnsembleConfig()
@@ -160,10 +216,13 @@ class AnomalyEnsemble:
         """Latent dimension the ensemble was fitted on (None before ``fit``)."""
         return self.info.get("latent_dim")
 
-    def fit(self, latents: np.ndarray, recon_rchi2: np.ndarray, *, seed: int) -> AnomalyEnsemble:
-        """Fit on a training sample of latents (n, d) and reconstruction reduced chi2 (n,)."""
+    def fit(
+        self, latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray, *, seed: int
+    ) -> AnomalyEnsemble:
+        """Fit on a training sample: latents (n, d), residual statistics (n, 3) in
+        ``RESIDUAL_COLUMNS`` order (``residual_matrix``) and median S/N (n,)."""
         cfg = self.config
-        x, r = _as_inputs(latents, recon_rchi2, None)
+        x, r, s = _as_inputs(latents, residuals, snr, None)
         n = len(x)
         n_ref = int(cfg.reference_fraction * n)
         n_fit = n - n_ref
@@ -177,13 +236,20 @@ class AnomalyEnsemble:
         ref_rows, fit_rows = np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
         knn_rows = np.sort(perm[n_ref : n_ref + cfg.knn_reference_size])
         with _threadpools().limit(limits=cfg.n_jobs):
-            self._fit_detectors(x[fit_rows], x[knn_rows], x[ref_rows], r[ref_rows], seed)
+            self._fit_detectors(x[fit_rows], x[knn_rows], seed)
+            self.tails_ = _SnrTails(
+                self._component_scores(x[ref_rows], r[ref_rows]),
+                s[ref_rows],
+                cfg.min_per_snr_bin,
+                cfg.max_snr_bins,
+            )
         self.info = {
             "latent_dim": int(x.shape[1]),
             "n_train": n,
             "n_fit": n_fit,
             "n_reference": n_ref,
             "n_knn_reference": len(knn_rows),
+            "snr_bin_edges": self.tails_.edges.tolist(),
             "knn_pca_components": self.knn_projection_.n_components_,
             "knn_pca_explained_variance": float(
                 self.knn_projection_.explained_variance_ratio_.sum()
@@ -195,10 +261,8 @@ class AnomalyEnsemble:
         }
         return self
 
-    def _fit_detectors(
-        self, x_fit: np.ndarray, x_knn: np.ndarray, x_ref: np.ndarray, r_ref: np.ndarray, seed: int
-    ) -> None:
-        """Fit the detectors on ``x_fit`` (KNN on ``x_knn``), then the tails on the reference."""
+    def _fit_detectors(self, x_fit: np.ndarray, x_knn: np.ndarray, seed: int) -> None:
+        """Fit the detectors on ``x_fit`` (KNN on ``x_knn``)."""
         cfg = self.config
         self.iforest_ = IForest(
             n_estimators=cfg.iforest_estimators,
@@ -213,18 +277,17 @@ class AnomalyEnsemble:
         self.knn_projection_ = PCA(n_components=n_pc, random_state=seed).fit(x_knn)
         self.knn_ = KNN(n_neighbors=cfg.knn_neighbors, method="mean", n_jobs=cfg.n_jobs)
         self.knn_.fit(self.knn_projection_.transform(x_knn))
-        ref_scores = self._latent_scores(x_ref)
-        ref_scores["RECON"] = r_ref
-        self.tails_ = {name: _TailModel(ref_scores[name]) for name in COMPONENTS}
 
-    def _latent_scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {
+    def _component_scores(self, x: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
+        scores = {
             "IFOREST": self.iforest_.decision_function(x),
             "PCA": self.pca_.decision_function(x),
             "KNN": self.knn_.decision_function(self.knn_projection_.transform(x)),
         }
+        log_r = np.log(np.maximum(r, 1e-3))  # power-law tails become exponential (module doc)
+        return scores | {name: log_r[:, i] for i, name in enumerate(RESIDUAL_COMPONENTS)}
 
-    def score(self, latents: np.ndarray, recon_rchi2: np.ndarray) -> pd.DataFrame:
+    def score(self, latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray) -> pd.DataFrame:
         """Score a batch; each row's result depends only on that row and the fitted ensemble.
 
         Returns one row per spectrum: ``SCORE_IFOREST``, ``SCORE_PCA``, ``SCORE_KNN`` (raw detector
@@ -233,22 +296,23 @@ class AnomalyEnsemble:
         """
         if not self.info:
             raise DesiAnomalyError("AnomalyEnsemble.score called before fit or load")
-        x, r = _as_inputs(latents, recon_rchi2, self.latent_dim)
+        x, r, s = _as_inputs(latents, residuals, snr, self.latent_dim)
         step = self.config.chunk_size
         with _threadpools().limit(limits=self.config.n_jobs):
             parts = [
-                self._score_chunk(x[i : i + step], r[i : i + step]) for i in range(0, len(x), step)
+                self._score_chunk(x[i : i + step], r[i : i + step], s[i : i + step])
+                for i in range(0, len(x), step)
             ]
         if not parts:
             return pd.DataFrame({col: np.empty(0) for col in SCORE_COLUMNS})
         return pd.concat(parts, ignore_index=True)
 
-    def _score_chunk(self, x: np.ndarray, r: np.ndarray) -> pd.DataFrame:
-        raw = self._latent_scores(x)
-        nlp = {name: self.tails_[name].neg_log(raw.get(name, r)) for name in COMPONENTS}
+    def _score_chunk(self, x: np.ndarray, r: np.ndarray, s: np.ndarray) -> pd.DataFrame:
+        raw = self._component_scores(x, r)
+        nlp = self.tails_.neg_log(raw, s)
         out = {f"SCORE_{name}": raw[name] for name in LATENT_DETECTORS}
         out |= {f"TAILP_{name}": np.exp(-nlp[name]) for name in COMPONENTS}
-        out["ANOMALY_SCORE"] = np.mean([nlp[name] for name in COMPONENTS], axis=0)
+        out["ANOMALY_SCORE"] = combine(np.stack([nlp[name] for name in COMPONENTS]))
         return pd.DataFrame(out)
 
     def save(self, path: str | Path) -> None:
@@ -322,10 +386,10 @@ def _load_joblib(path: str | Path) -> Any:
 
 @dataclass
 class SyntheticLatents:
-    """Synthetic VAE outputs: latents, RECON_RCHI2, median S/N and the planted-anomaly flags."""
+    """Synthetic VAE outputs: latents, residual statistics, median S/N and the anomaly flags."""
 
     latents: np.ndarray  # (n, dim) float32
-    recon_rchi2: np.ndarray  # (n,) float64
+    residuals: np.ndarray  # (n, 3) float64, RESIDUAL_COLUMNS
     snr: np.ndarray  # (n,) float64
     is_anomaly: np.ndarray  # (n,) bool
 
@@ -339,11 +403,13 @@ def synthetic_latents(
     """Draw VAE-like outputs for tests and benchmarks (not a model of real spectra).
 
     Normal spectra: a 6-component Gaussian mixture in ``n_active`` latent dimensions whose spread
-    grows at low S/N, the other dimensions near-collapsed (sigma 0.05); RECON_RCHI2 near 1 with a
-    model-mismatch term growing as S/N squared. S/N follows the DR1 QSO distribution (median 2.3).
+    grows at low S/N, the other dimensions near-collapsed (sigma 0.05); RECON_RCHI2 near 1 and
+    RESID_DIP/RESID_PEAK near the maximum of a few thousand standard normals, each with a
+    model-mismatch term growing with S/N. S/N follows the DR1 QSO distribution (median 2.3).
     The mixture is the same for every ``seed``, so chunks drawn with different seeds form one
     population. Anomalies (three kinds in equal shares): excursions in three collapsed dimensions,
-    latents far from the mixture, or a RECON_RCHI2 excess only; all have RECON_RCHI2 raised.
+    latents far from the mixture, or a residual excess only (RECON_RCHI2 and RESID_DIP); all have
+    RECON_RCHI2 raised.
     """
     structure = np.random.default_rng(_STRUCTURE_SEED)
     n_clusters = 6
@@ -363,6 +429,9 @@ def synthetic_latents(
         z[rows, :n_active] = centres[c] + spread[rows, None] * (eps[rows] @ mixing[c].T)
     z[:, n_active:] = rng.normal(0.0, 0.05, size=(n, dim - n_active))
     rchi2 = 1.0 + rng.normal(0.0, 0.026, n) + (0.05 * snr) ** 2 * rng.lognormal(0.0, 0.3, n)
+    dip, peak = (
+        3.3 + rng.gumbel(0.0, 0.3, n) + 0.05 * snr * rng.lognormal(0.0, 0.3, n) for _ in "dp"
+    )
 
     bad = rng.random(n) < anomaly_fraction
     kind = rng.integers(0, 3, size=n)
@@ -373,4 +442,5 @@ def synthetic_latents(
     z[far, :n_active] = rng.normal(0.0, 4.0, size=(int(far.sum()), n_active))
     rchi2[bad] *= rng.uniform(1.3, 3.0, int(bad.sum()))
     rchi2[bad & (kind == 2)] *= 1.5
-    return SyntheticLatents(z, rchi2, snr, bad)
+    dip[bad & (kind == 2)] += rng.uniform(2.0, 10.0, int((bad & (kind == 2)).sum()))
+    return SyntheticLatents(z, np.column_stack([rchi2, dip, peak]), snr, bad)

@@ -1,12 +1,15 @@
 """Encoding of cleaned shards with a trained VAE: latents and reconstruction chi2 per spectrum.
 
 Latents file (``{out_dir}/latents/{key}.parquet``, one per partition, written atomically): columns
-TARGETID (int64), PARTITION (string), LATENT (fixed-size list of ``latent_dim`` float32, the
-posterior mean), RECON_CHI2 (float64, chi2 of the reconstruction from the posterior mean over the
-pixels with data, with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
+TARGETID (int64), PARTITION (string), LATENT (fixed-size list of ``VAEConfig.code_dim`` float32:
+the latent posterior mean followed by the eigenspectrum coefficients), RECON_CHI2 (float64, chi2 of
+the reconstruction from the posterior mean and the solved coefficients over the pixels with data,
+with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
 pixels with finite flux and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD
-is 0). Key-value metadata ``desi_anomaly`` (JSON): schema name
-and version, code version, partition, checkpoint path and sha256, grid, latent_dim.
+is 0), RESID_DIP and RESID_PEAK (float64, the strongest absorption and emission feature missed by
+the reconstruction, ``desi_anomaly.ml.residuals``). Key-value metadata ``desi_anomaly`` (JSON):
+schema name and version, code version, partition, checkpoint path and sha256, grid, latent_dim
+(the code length).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from desi_anomaly.io.partitions import parse_key
 from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import Shard, read_shard, read_shard_info
 
+from .residuals import local_extremes, window_widths
 from .training import CheckpointError, TrainedVAE, same_grid
 from .vae import chi2, clean_inputs
 
-LATENTS_SCHEMA_VERSION = 1
+LATENTS_SCHEMA_VERSION = 2
 _META_KEY = b"desi_anomaly"
 
 
@@ -87,26 +91,42 @@ def _check_shard(vae: TrainedVAE, shard: Shard) -> None:
         )
 
 
+@dataclass
+class _Batch:
+    code: np.ndarray  # (n, code_dim) posterior mean and eigenspectrum coefficients
+    model: np.ndarray  # (n, npix) reconstruction
+    chi2: np.ndarray  # (n,) with the effective ivar
+    n_good: np.ndarray  # (n,) pixels with data
+    ivar: np.ndarray  # (n, npix) effective ivar (forest variance included)
+    dip: np.ndarray  # (n,) RESID_DIP
+    peak: np.ndarray  # (n,) RESID_PEAK
+
+
 def _batched_forward(
     vae: TrainedVAE, flux: np.ndarray, ivar: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch: posterior mean, reconstruction, chi2, number of good pixels and the effective
-    ivar (forest variance included) that the chi2 uses."""
+) -> Iterator[_Batch]:
+    """Encode and reconstruct ``batch_size`` spectra at a time."""
     device = next(vae.model.parameters()).device
+    widths = window_widths(RestFrameGrid.from_dict(vae.grid).velocity_per_pixel)
     with torch.no_grad():
         for start in range(0, len(flux), batch_size):
             f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
             f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
             good = (iv_t > 0).to(f_t.dtype)
             mu, _ = vae.model.encode(f_t, good)
-            recon = vae.model.decode(mu)
-            iv_eff = vae.model.effective_ivar(iv_t.double(), recon.double())
-            yield (
-                mu.cpu().numpy(),
-                recon.cpu().numpy(),
-                chi2(f_t.double(), iv_eff, recon.double()).cpu().numpy(),
+            f_d, iv_d = f_t.double(), iv_t.double()
+            recon, coef = vae.model.reconstruct(f_d, iv_d, mu)
+            iv_eff = vae.model.effective_ivar(iv_d, recon)
+            pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
+            dip, peak = local_extremes(pull, iv > 0, widths)
+            yield _Batch(
+                torch.cat([mu.double(), coef], dim=1).float().cpu().numpy(),
+                recon.float().cpu().numpy(),
+                chi2(f_d, iv_eff, recon).cpu().numpy(),
                 good.sum(dim=1).cpu().numpy().astype(np.int32),
                 iv_eff.float().cpu().numpy(),
+                dip,
+                peak,
             )
 
 
@@ -117,15 +137,16 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = 256) -> pa.
     grid differs from the checkpoint's.
     """
     _check_shard(vae, shard)
-    n, dim = len(shard), vae.config.latent_dim
+    n, dim = len(shard), vae.config.code_dim
     latent = np.empty((n, dim), dtype=np.float32)
-    recon_chi2 = np.empty(n, dtype=np.float64)
+    recon_chi2, dip, peak = np.empty(n), np.empty(n), np.empty(n)
     n_good = np.empty(n, dtype=np.int32)
     start = 0
-    for mu, _, c2, ng, _ in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
-        sel = slice(start, start + len(mu))
-        latent[sel], recon_chi2[sel], n_good[sel] = mu, c2, ng
-        start += len(mu)
+    for b in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
+        sel = slice(start, start + len(b.code))
+        latent[sel], recon_chi2[sel], n_good[sel] = b.code, b.chi2, b.n_good
+        dip[sel], peak[sel] = b.dip, b.peak
+        start += len(b.code)
     with np.errstate(invalid="ignore", divide="ignore"):
         rchi2 = np.where(n_good > 0, recon_chi2 / n_good, np.nan)
     partition = shard.meta["PARTITION"] if "PARTITION" in shard.meta else shard.info["partition"]
@@ -135,6 +156,8 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = 256) -> pa.
         "LATENT": pa.FixedSizeListArray.from_arrays(pa.array(latent.ravel()), dim),
         "RECON_CHI2": pa.array(recon_chi2),
         "RECON_RCHI2": pa.array(rchi2),
+        "RESID_DIP": pa.array(np.where(n_good > 0, dip, np.nan)),
+        "RESID_PEAK": pa.array(np.where(n_good > 0, peak, np.nan)),
         "N_GOOD": pa.array(n_good),
     }
     return pa.table(columns)
@@ -148,7 +171,7 @@ def reconstruct(
     tid = shard.meta["TARGETID"].to_numpy(dtype=np.int64)
     rows = np.arange(len(tid)) if targetids is None else np.flatnonzero(np.isin(tid, targetids))
     flux, ivar = clean_inputs(shard.flux[rows], shard.ivar[rows])
-    parts = [(r, iv) for _, r, _, _, iv in _batched_forward(vae, flux, ivar, batch_size)]
+    parts = [(b.model, b.ivar) for b in _batched_forward(vae, flux, ivar, batch_size)]
     empty = np.zeros((0, vae.config.npix), np.float32)
     model = np.concatenate([r for r, _ in parts]) if parts else empty
     ivar_eff = np.concatenate([iv for _, iv in parts]) if parts else empty
@@ -166,7 +189,7 @@ def write_latents(table: pa.Table, path: str | Path, vae: TrainedVAE, partition:
         "checkpoint": str(vae.path),
         "checkpoint_sha256": vae.sha256,
         "grid": vae.grid,
-        "latent_dim": vae.config.latent_dim,
+        "latent_dim": vae.config.code_dim,
     }
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path = Path(path)

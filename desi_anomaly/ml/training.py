@@ -32,7 +32,8 @@ from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_lo
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
 
 
 class CheckpointError(DesiAnomalyError):
@@ -161,7 +162,11 @@ def train_vae(
     model = SpectrumVAE(config)
     model.set_grid(RestFrameGrid.from_dict(grid).centres)
     with torch.no_grad():
-        model.offset.copy_(torch.from_numpy(mean_spectrum(flux[train_idx], ivar[train_idx])))
+        offset = mean_spectrum(flux[train_idx], ivar[train_idx])
+        model.offset.copy_(torch.from_numpy(offset))
+        sample = train_idx[:PCA_INIT_ROWS]  # shuffled: a random sample
+        eigen = principal_spectra(flux[sample], ivar[sample], offset, config.linear_dim)
+        model.eigen.copy_(torch.from_numpy(eigen))
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     noise = torch.Generator().manual_seed(config.seed)
@@ -244,6 +249,20 @@ def mean_spectrum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel columns
         median = np.nanmedian(values, axis=0)
     return np.where(np.isfinite(median), median, 1.0).astype(np.float32)
+
+
+def principal_spectra(flux: np.ndarray, ivar: np.ndarray, offset: np.ndarray, k: int) -> np.ndarray:
+    """(npix, k) leading principal components of ``flux - offset`` (0 where there is no data),
+    each scaled by its standard deviation so unit coefficients are typical: the eigenspectra's
+    starting point."""
+    resid = np.where(ivar > 0, flux - offset, 0.0).astype(np.float64)
+    eigen = np.zeros((flux.shape[1], k), dtype=np.float32)
+    if k == 0 or len(resid) < 2:
+        return eigen
+    _, sv, vt = np.linalg.svd(resid, full_matrices=False)
+    m = min(k, len(sv))
+    eigen[:, :m] = (vt[:m] * (sv[:m, None] / np.sqrt(len(resid)))).T
+    return eigen
 
 
 def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -1,9 +1,19 @@
 """The spectral VAE: a 1-D convolutional encoder/decoder over the rest-frame grid.
 
 Inputs are two channels per spectrum, the normalised flux (zeroed where there is no data) and
-the data mask (1 where ivar > 0); the output is the reconstructed flux on the whole grid. The loss
-is the ivar-weighted chi2 over the pixels with data (optionally up-weighting broad emission-line
-windows) plus ``beta`` times the KL divergence of the Gaussian posterior from the unit prior.
+the data mask (1 where ivar > 0). The reconstruction is the sum of
+
+- the mean spectrum (``offset``) plus the convolutional decoder's output for the latent ``z``
+  (the non-linear part: line shapes, shifts, widths), and
+- a linear combination ``E c`` of ``linear_dim`` learned eigenspectra whose coefficients ``c`` are
+  solved exactly for each spectrum: the ivar-weighted least-squares fit with a unit Gaussian prior
+  on ``c`` (ridge), i.e. their maximum a posteriori values. An encoder only approximates the
+  best latent of a spectrum (the amortisation gap); solving the linear part exactly removes most of
+  that misfit at high S/N for the price of one small linear system per spectrum.
+
+The loss is the ivar-weighted chi2 over the pixels with data (optionally up-weighting broad
+emission-line windows) plus ``beta`` times the KL divergence of the Gaussian posterior from the
+unit prior plus the prior term ``|c|^2 / 2`` of the linear coefficients.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ _C_KMS = 299_792.458
 class VAEConfig:
     """Architecture and training settings; ``to_dict``/``from_dict`` round-trip through JSON.
 
+    ``linear_dim``: number of eigenspectra in the linear part (coefficients solved per spectrum).
     ``channels``: widths of the encoder's stride-2 convolution levels; the decoder mirrors them with
     stride-2 transposed convolutions.
     ``input_clip``: the encoder sees the normalised flux clipped to +-input_clip (about 5x the
@@ -35,8 +46,9 @@ class VAEConfig:
     ``line_weight``: factor on the chi2 weight of pixels within ``line_half_width_kms`` of
     ``EMISSION_LINES`` (1 = no up-weighting). ``forest_var``: variance of the Lyman-alpha forest
     transmission fluctuations, as a fraction of the squared model flux, added to the noise of
-    pixels blueward of ``forest_max_wave`` (rest A): the forest is stochastic intergalactic
-    absorption that no model of the quasar reproduces (DESI's Lya analyses call it var_lss).
+    pixels blueward of ``forest_max_wave`` (rest A; Lyman-alpha, where the forest ends): the forest
+    is stochastic intergalactic absorption that no model of the quasar reproduces (DESI's Lya
+    analyses call it var_lss).
     ``lr`` decays along a cosine to ``lr * lr_final_fraction`` at ``epochs``.
     ``batch_size``: on CPU the cost per spectrum of a training step falls steeply with the batch
     size up to about 64. ``patience``: epochs without a better validation loss before early
@@ -45,6 +57,7 @@ class VAEConfig:
 
     npix: int = 4000
     latent_dim: int = 128
+    linear_dim: int = 64
     channels: tuple[int, ...] = (8, 16, 16, 32, 32, 64, 64)
     kernel_size: int = 5
     beta: float = 1.0
@@ -53,7 +66,7 @@ class VAEConfig:
     line_weight: float = 1.0
     line_half_width_kms: float = 10_000.0
     forest_var: float = 0.1
-    forest_max_wave: float = 1200.0
+    forest_max_wave: float = 1215.67
     lr: float = 1e-3
     lr_final_fraction: float = 0.05
     batch_size: int = 64
@@ -64,12 +77,17 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.npix < 2 or self.latent_dim < 1 or not self.channels:
+        if self.npix < 2 or self.latent_dim < 1 or self.linear_dim < 0 or not self.channels:
             raise ValueError(f"invalid VAE shape: {self}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def code_dim(self) -> int:
+        """Length of a spectrum's code: latent posterior mean, then eigenspectrum coefficients."""
+        return self.latent_dim + self.linear_dim
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON description."""
@@ -117,11 +135,9 @@ class SpectrumVAE(nn.Module):
             ),
             nn.Conv1d(up[-1], 1, k, padding=pad),
         )
-        # Linear path (a learned eigenspectrum basis): the smooth, mostly linear variation of
-        # quasar spectra (continuum slope, line strengths) is learnt in few steps; the convolutional
-        # decoder adds the non-linear part.
-        self.eigen = nn.Linear(config.latent_dim, config.npix, bias=False)
-        nn.init.zeros_(self.eigen.weight)
+        # Eigenspectra of the linear part (columns), coefficients solved per spectrum; training
+        # starts them from the principal components of the training spectra (``set_eigen``).
+        self.eigen = nn.Parameter(torch.zeros(config.npix, config.linear_dim))
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
         # Per-pixel extra variance as a fraction of model^2 (the forest term); set from the grid.
@@ -148,20 +164,45 @@ class SpectrumVAE(nn.Module):
         return mu, logvar.clamp(-20.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstructed flux (n, npix)."""
+        """Non-linear part of the reconstruction (n, npix): mean spectrum + decoder output."""
         h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom_len)
-        return self.decoder(h)[:, 0, : self.config.npix] + self.eigen(z) + self.offset
+        return self.decoder(h)[:, 0, : self.config.npix] + self.offset
+
+    def linear_coefficients(
+        self, flux: torch.Tensor, ivar: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor:
+        """MAP coefficients (n, linear_dim) of the eigenspectra fitting ``flux - base``: solves
+        ``(E^T W E + I) c = E^T W (flux - base)`` with W the effective ivar at model ``base``."""
+        e = self.eigen.to(flux.dtype)
+        w = self.effective_ivar(ivar, base)
+        weighted = e.unsqueeze(0) * w.sqrt().unsqueeze(2)  # (n, npix, k)
+        normal = weighted.transpose(1, 2) @ weighted
+        normal = normal + torch.eye(e.shape[1], dtype=flux.dtype, device=flux.device)
+        rhs = (w * (flux - base)) @ e
+        return torch.linalg.solve(normal, rhs)
+
+    def reconstruct(
+        self, flux: torch.Tensor, ivar: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction (n, npix) of ``flux`` from latent ``z`` and its linear coefficients."""
+        base = self.decode(z).to(flux.dtype)
+        if self.config.linear_dim == 0:
+            return base, base.new_zeros((len(base), 0))
+        coef = self.linear_coefficients(flux, ivar, base)
+        return base + coef @ self.eigen.to(flux.dtype).T, coef
 
     def forward(
-        self, flux: torch.Tensor, good: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruction, posterior mean and log-variance; the latent is sampled with
-        ``generator`` (training) or is the posterior mean when ``generator`` is None."""
-        mu, logvar = self.encode(flux, good)
-        if generator is None:
-            return self.decode(mu), mu, logvar
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
-        return self.decode(mu + eps * torch.exp(0.5 * logvar)), mu, logvar
+        self, flux: torch.Tensor, ivar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction, posterior mean, log-variance and linear coefficients; the latent is
+        sampled with ``generator`` (training), the posterior mean when ``generator`` is None."""
+        mu, logvar = self.encode(flux, (ivar > 0).to(flux.dtype))
+        z = mu
+        if generator is not None:
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        recon, coef = self.reconstruct(flux, ivar, z)
+        return recon, mu, logvar, coef
 
 
 def clean_inputs(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +244,8 @@ def vae_loss(
     pixel_weight: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Negative ELBO per pixel with data: (robust chi2_w / 2 + beta KL) summed, / good pixels.
+    """Negative ELBO per pixel with data: (robust chi2_w / 2 + beta KL + |c|^2 / 2) summed over
+    the batch, / good pixels.
 
     chi2_w uses the model's effective ivar (forest variance included) times ``pixel_weight``.
 
@@ -211,11 +253,12 @@ def vae_loss(
     contribute nothing whatever the reconstruction there. Without ``generator`` the latent is the
     posterior mean (deterministic: validation).
     """
-    recon, mu, logvar = model(flux, (ivar > 0).to(flux.dtype), generator)
+    recon, mu, logvar, coef = model(flux, ivar, generator)
     ivar_eff = model.effective_ivar(ivar, recon) * pixel_weight
     data = 0.5 * robust_chi2(flux, ivar_eff, recon, model.config.huber_chi)
+    prior = model.config.beta * kl_divergence(mu, logvar) + 0.5 * (coef**2).sum(dim=1)
     n_good = (ivar > 0).sum().clamp(min=1)
-    return (data + model.config.beta * kl_divergence(mu, logvar)).sum() / n_good
+    return (data + prior).sum() / n_good
 
 
 def line_pixel_weight(config: VAEConfig, wave: np.ndarray) -> np.ndarray:

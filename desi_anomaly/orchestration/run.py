@@ -203,17 +203,28 @@ def run_all(
     for name, path in result.outputs.items():
         echo(f"{name}: {path}")
     if result.catalog is not None:
-        echo(top_anomalies_text(result.catalog, n_top))
+        scores = result.outputs.get("scores")
+        candidates = pd.read_parquet(scores) if result.catalog.empty and scores else None
+        echo(top_anomalies_text(result.catalog, n_top, candidates))
     return result
 
 
-def top_anomalies_text(catalog: pd.DataFrame, n: int = 10) -> str:
-    cols = [
-        c
-        for c in ("RANK", "TARGETID", "PARTITION", "Z", "ANOMALY_SCORE", "Q_VALUE", "TYPE")
-        if c in catalog
-    ]
-    if catalog.empty:
-        return "no significant anomalies (q < alpha)"
-    head = catalog.sort_values("RANK").head(n) if "RANK" in catalog else catalog.head(n)
-    return f"{len(catalog)} anomalies; top {len(head)}:\n" + head[cols].to_string(index=False)
+def top_anomalies_text(
+    catalog: pd.DataFrame, n: int = 10, scores: pd.DataFrame | None = None
+) -> str:
+    """The catalog's top ``n`` rows; for an empty catalog, the ``n`` highest-scoring spectra of
+    ``scores`` (if given), labelled as candidates rather than discoveries."""
+    shown = ("RANK", "TARGETID", "PARTITION", "Z", "ANOMALY_SCORE", "P_VALUE", "Q_VALUE", "TYPE")
+    if not catalog.empty:
+        head = catalog.sort_values("RANK").head(n) if "RANK" in catalog else catalog.head(n)
+        cols = [c for c in shown if c in head]
+        return f"{len(catalog)} anomalies; top {len(head)}:\n" + head[cols].to_string(index=False)
+    text = "no significant anomalies (q < alpha)"
+    if scores is None or scores.empty:
+        return text
+    head = scores.nlargest(n, "ANOMALY_SCORE")
+    cols = [c for c in shown if c in head]
+    return (
+        f"{text}; the {len(head)} highest-scoring spectra (candidates for inspection, "
+        f"not discoveries):\n" + head[cols].to_string(index=False)
+    )

@@ -1,6 +1,6 @@
 """Injection-recovery: fit the detectors on normal spectra, inject anomalies, re-score, calibrate.
 
-1. ``fit_detectors``: the VAE latents and RECON_RCHI2 of normal *train* spectra fit the
+1. ``fit_detectors``: the VAE latents and residual statistics of normal *train* spectra fit the
    ``AnomalyEnsemble`` and the ``PCABaseline``; both are calibrated with a
    ``ConformalCalibrator`` (S/N x z strata, ``discovery.SNR_EDGES``/``Z_EDGES``) on normal
    *calibration* spectra (never used for fitting).
@@ -23,6 +23,7 @@ import pandas as pd
 from desi_anomaly.discovery import SNR_EDGES, Z_EDGES
 from desi_anomaly.ml.detectors import AnomalyEnsemble
 from desi_anomaly.ml.encoding import encode_shard
+from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
 from desi_anomaly.ml.training import TrainedVAE
 from desi_anomaly.preprocess import CleanedSpectra, PreprocessConfig, RestFrameGrid, preprocess
@@ -97,11 +98,12 @@ def as_shard(cleaned: CleanedSpectra, partition: str = "injection") -> Shard:
 
 
 def encode(vae: TrainedVAE, cleaned: CleanedSpectra) -> tuple[np.ndarray, np.ndarray]:
-    """VAE posterior-mean latents (n, d) and RECON_RCHI2 (n,) of cleaned spectra."""
+    """VAE posterior-mean latents (n, d) and residual statistics (n, 3; ``RESIDUAL_COLUMNS``,
+    NaN for spectra without good pixels) of cleaned spectra."""
     table = encode_shard(vae, as_shard(cleaned))
-    dim = vae.config.latent_dim
+    dim = vae.config.code_dim
     latents = table.column("LATENT").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return latents, table.column("RECON_RCHI2").to_numpy()
+    return latents, np.column_stack([table.column(c).to_numpy() for c in RESIDUAL_COLUMNS])
 
 
 def fit_detectors(
@@ -114,17 +116,18 @@ def fit_detectors(
     min_per_stratum: int = 200,
 ) -> Detectors:
     """Fit the ensemble and the PCA baseline on ``train`` and calibrate both on ``calibration``."""
-    latents, rchi2 = encode(vae, train)
-    ok = np.isfinite(rchi2)
-    ensemble = AnomalyEnsemble().fit(latents[ok], rchi2[ok], seed=seed)
+    latents, resid = encode(vae, train)
+    ok = np.isfinite(resid).all(axis=1)
+    snr = train.meta["SNR_MEDIAN"].to_numpy()[ok]
+    ensemble = AnomalyEnsemble().fit(latents[ok], resid[ok], snr, seed=seed)
     pca = PCABaseline(pca_components, seed=seed).fit(train.flux, train.ivar)
 
-    latents, rchi2 = encode(vae, calibration)
-    ok = np.isfinite(rchi2)
+    latents, resid = encode(vae, calibration)
+    ok = np.isfinite(resid).all(axis=1)
     snr = calibration.meta["SNR_MEDIAN"].to_numpy()[ok]
     z = calibration.meta["Z"].to_numpy()[ok]
     minimum = min(min_per_stratum, int(ok.sum()))
-    scores = ensemble.score(latents[ok], rchi2[ok])["ANOMALY_SCORE"].to_numpy()
+    scores = ensemble.score(latents[ok], resid[ok], snr)["ANOMALY_SCORE"].to_numpy()
     calibrator = ConformalCalibrator().fit(
         scores, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=minimum
     )
@@ -138,13 +141,13 @@ def fit_detectors(
 def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
     """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 with conformal
     p-values of cleaned spectra (rows without any good pixel are left out)."""
-    latents, rchi2 = encode(det.vae, cleaned)
-    ok = np.isfinite(rchi2)
+    latents, resid = encode(det.vae, cleaned)
+    ok = np.isfinite(resid).all(axis=1)
     meta = cleaned.meta.loc[ok, [c for c in _META if c in cleaned.meta]].reset_index(drop=True)
-    table = meta.assign(RECON_RCHI2=rchi2[ok])
+    table = meta.assign(**{c: resid[ok, i] for i, c in enumerate(RESIDUAL_COLUMNS)})
     snr, z = table["SNR_MEDIAN"].to_numpy(), table["Z"].to_numpy()
     if ok.any():
-        scores = det.ensemble.score(latents[ok], rchi2[ok])
+        scores = det.ensemble.score(latents[ok], resid[ok], snr)
         for col in scores.columns:  # ANOMALY_SCORE and its components
             table[col] = scores[col].to_numpy()
         table["P_VALUE"] = det.calibrator.pvalues(table["ANOMALY_SCORE"].to_numpy(), snr, z)
