@@ -100,8 +100,8 @@ class EnsembleConfig:
     knn_reference_size: int = 10_000
     knn_pca_components: int = 32
     reference_fraction: float = 0.2
-    min_per_snr_bin: int = 200
-    max_snr_bins: int = 8
+    min_per_snr_bin: int = 100
+    max_snr_bins: int = 16
     chunk_size: int = 32_768  # rows scored at once inside ``score``, bounds temporary memory
     n_jobs: int = 1  # threads (joblib, BLAS, OpenMP); the pipeline parallelises over shards
 

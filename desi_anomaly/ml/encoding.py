@@ -38,6 +38,7 @@ from .training import CheckpointError, TrainedVAE, same_grid
 from .vae import chi2, clean_inputs
 
 LATENTS_SCHEMA_VERSION = 2
+ENCODE_BATCH = 128  # spectra per forward pass: the linear solve holds batch x npix x linear_dim
 _META_KEY = b"desi_anomaly"
 
 
@@ -114,7 +115,7 @@ def _batched_forward(
             f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
             good = (iv_t > 0).to(f_t.dtype)
             mu, _ = vae.model.encode(f_t, good)
-            f_d, iv_d = f_t.double(), iv_t.double()
+            f_d, iv_d = f_t.double(), iv_t.double()  # float64: same codes on any thread count
             recon, coef = vae.model.reconstruct(f_d, iv_d, mu)
             iv_eff = vae.model.effective_ivar(iv_d, recon)
             pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
@@ -130,7 +131,7 @@ def _batched_forward(
             )
 
 
-def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = 256) -> pa.Table:
+def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATCH) -> pa.Table:
     """Latents and reconstruction chi2 of every spectrum of ``shard`` (schema in the module doc).
 
     Non-finite flux or ivar pixels count as missing data. Raises CheckpointError when the shard's
@@ -164,7 +165,7 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = 256) -> pa.
 
 
 def reconstruct(
-    vae: TrainedVAE, shard: Shard, targetids: Any = None, *, batch_size: int = 256
+    vae: TrainedVAE, shard: Shard, targetids: Any = None, *, batch_size: int = ENCODE_BATCH
 ) -> Reconstructions:
     """Reconstructions of the spectra of ``shard`` with the given TARGETIDs (all when None)."""
     _check_shard(vae, shard)
@@ -224,7 +225,7 @@ def already_encoded(
 
 
 def encode_partition(
-    vae: TrainedVAE, shard_path: str | Path, out_dir: str | Path, *, batch_size: int = 256
+    vae: TrainedVAE, shard_path: str | Path, out_dir: str | Path, *, batch_size: int = ENCODE_BATCH
 ) -> EncodeResult:
     """Encode one shard into ``latents/{key}.parquet`` unless a file from the same checkpoint
     exists (then ``skipped``). Errors of the input are returned in the result, not raised."""

@@ -16,7 +16,7 @@ import ray
 import torch
 from ray._private import ray_constants
 
-from .encoding import EncodeResult, already_encoded, encode_partition
+from .encoding import ENCODE_BATCH, EncodeResult, already_encoded, encode_partition
 from .training import file_sha256, load_checkpoint, train_vae
 from .vae import VAEConfig
 
@@ -91,7 +91,7 @@ def encode_shards_on_ray(
     shard_paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    batch_size: int = 256,
+    batch_size: int = ENCODE_BATCH,
     num_actors: int = 2,
 ) -> list[EncodeResult]:
     """Encode shards into ``{out_dir}/latents/{key}.parquet`` with a pool of ``num_actors`` actors
