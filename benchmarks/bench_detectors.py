@@ -10,7 +10,8 @@ RECON_RCHI2, DR1-like S/N; redshifts drawn independently) stand in for the encod
 - p-values and Benjamini-Hochberg q-values over all ``--n``;
 - per-call cost of scoring shard-sized batches (``--shard`` rows, as one healpix partition).
 
-Prints wall and CPU times, rates and the peak resident memory after each stage (``ru_maxrss``).
+Prints wall and CPU times, rates and the peak resident memory after each stage (``ru_maxrss``),
+and writes them to the ``detectors`` section of ``--doc``.
 
     python benchmarks/bench_detectors.py            # 1.6M spectra
     python benchmarks/bench_detectors.py --n 100000
@@ -19,17 +20,19 @@ Prints wall and CPU times, rates and the peak resident memory after each stage (
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine
+from report import machine, update_section
 
 from desi_anomaly.ml.detectors import AnomalyEnsemble, EnsembleConfig, synthetic_latents
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg, snr_dependence
@@ -49,6 +52,8 @@ def _redshifts(n: int, seed: int) -> np.ndarray:
 class Stage:
     """Time a block; print its wall and CPU time (the machine may be shared) and the peak RSS."""
 
+    done: ClassVar[list[Stage]] = []
+
     def __init__(self, name: str):
         self.name = name
 
@@ -59,9 +64,11 @@ class Stage:
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
         self.cpu = time.process_time() - self.cpu_start
+        self.peak = _peak_mib()
+        Stage.done.append(self)
         print(
             f"{self.name:>34}: {self.seconds:8.2f} s (CPU {self.cpu:8.2f} s)   "
-            f"peak RSS {_peak_mib():6.0f} MiB",
+            f"peak RSS {self.peak:6.0f} MiB",
             flush=True,
         )
 
@@ -88,7 +95,7 @@ def score_stream(
         )
         rows = slice(start, start + len(part.snr))
         t0, c0 = time.perf_counter(), time.process_time()
-        out.score[rows] = ensemble.score(part.latents, part.recon_rchi2)["ANOMALY_SCORE"]
+        out.score[rows] = ensemble.score(part.latents, part.stats, part.snr)["ANOMALY_SCORE"]
         out.seconds += time.perf_counter() - t0
         out.cpu += time.process_time() - c0
         out.snr[rows], out.is_anomaly[rows] = part.snr, part.is_anomaly
@@ -109,6 +116,9 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=150, help="rows per shard-sized batch")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    )
     args = ap.parse_args()
     print(machine())
     print(
@@ -123,14 +133,15 @@ def main() -> None:
 
     train = synthetic_latents(args.train, seed=s_train, anomaly_fraction=0.01)
     with Stage(f"fit on {args.train:,} training rows") as fit:
-        ensemble = AnomalyEnsemble(config).fit(train.latents, train.recon_rchi2, seed=s_train)
+        ensemble = AnomalyEnsemble(config).fit(train.latents, train.stats, train.snr, seed=s_train)
     del train
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "detector.joblib"
         with Stage("save + load"):
             ensemble.save(path)
             ensemble = AnomalyEnsemble.load(path, latent_dim=128)
-        print(f"{'detector file':>34}: {path.stat().st_size / 2**20:8.1f} MiB")
+        file_mib = path.stat().st_size / 2**20
+        print(f"{'detector file':>34}: {file_mib:8.1f} MiB")
 
     with Stage(f"generate + score {args.cal:,} calibration"):
         cal = score_stream(ensemble, args.cal, seed=s_cal, anomaly_fraction=0.0, batch=args.batch)
@@ -174,12 +185,43 @@ def main() -> None:
     with Stage(f"score 200 batches of {args.shard}") as shards:
         for start in range(0, len(shard.snr), args.shard):
             rows = slice(start, start + args.shard)
-            ensemble.score(shard.latents[rows], shard.recon_rchi2[rows])
+            ensemble.score(shard.latents[rows], shard.stats[rows], shard.snr[rows])
     print(f"{'per shard-sized batch':>34}: {1000 * shards.seconds / 200:8.1f} ms")
     print(
         f"summary: fit {fit.seconds:.0f} s (CPU {fit.cpu:.0f} s); score {args.n:,} in "
         f"{cat.seconds:.0f} s (CPU {cat.cpu:.0f} s); "
         f"peak RSS {_peak_mib():.0f} MiB"
+    )
+    rows = "\n".join(
+        f"| {s.name} | {s.seconds:.2f} | {s.cpu:.2f} | {s.peak:,.0f} |" for s in Stage.done
+    )
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    update_section(
+        args.doc,
+        "detectors",
+        f"""## Detectors: fit, streamed scoring, conformal p-values, BH
+
+Command: `{" ".join(["python", *sys.argv])}` at niceness
+{os.nice(0)} ({machine()}). n = {args.n:,} synthetic 128-d latents (`synthetic_latents`,
+1% planted), train {args.train:,} (`fit_detector` samples at most `max_train` = 200,000),
+calibration {args.cal:,}, batches of {args.batch:,} (never all latents in memory). Shared
+machine: load average (1 / 5 / 15 min) at the end {load}; CPU seconds are the process's own.
+Peak RSS is the process's peak so far (`ru_maxrss`) at the end of each stage.
+
+| stage | wall s | CPU s | peak RSS (MiB) |
+|---|---|---|---|
+{rows}
+
+- fit {fit.seconds:.0f} s (CPU {fit.cpu:.0f} s) on {args.train:,} rows; detector file
+  {file_mib:.1f} MiB.
+- scoring alone ({args.n:,}): {cat.seconds:.0f} s (CPU {cat.cpu:.0f} s) =
+  **{args.n / cat.seconds:,.0f} spectra/s** ({args.n / cat.cpu:,.0f} per CPU second).
+- per shard-sized batch of {args.shard}: {1000 * shards.seconds / 200:.1f} ms.
+- discoveries at q < {args.alpha}: {found.sum():,} (planted {planted.sum():,}, found
+  {(found & planted).sum():,}, false {(found & ~planted).sum():,}); smallest possible p
+  {floor:.2e}: BH makes no discovery unless it makes >= {floor * args.n / args.alpha:,.0f}.
+- peak RSS of the whole run: **{_peak_mib():,.0f} MiB**.
+""",
     )
 
 

@@ -40,7 +40,7 @@ from desi_anomaly.ml import (
     train_vae,
 )
 from desi_anomaly.ml.anomaly_types import AnomalyTypes, find_anomaly_types
-from desi_anomaly.ml.detectors import AnomalyEnsemble, residual_matrix
+from desi_anomaly.ml.detectors import AnomalyEnsemble, stats_matrix
 from desi_anomaly.ml.raydispatch import encode_shards_on_ray, train_on_ray
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
 from desi_anomaly.ml.training import CHECKPOINT_NAME
@@ -178,14 +178,14 @@ def fit_detector(
         )
     ensemble = AnomalyEnsemble().fit(
         np.stack(train["LATENT"].to_numpy()),
-        residual_matrix(train),
+        stats_matrix(train),
         train["SNR_MEDIAN"].to_numpy(),
         seed=seed,
     )
     calib = calib[np.isfinite(calib["RECON_RCHI2"])]
     cal_scores = ensemble.score(
         np.stack(calib["LATENT"].to_numpy()),
-        residual_matrix(calib),
+        stats_matrix(calib),
         calib["SNR_MEDIAN"].to_numpy(),
     )["ANOMALY_SCORE"].to_numpy()
     calibrator = ConformalCalibrator().fit(
@@ -213,7 +213,7 @@ def score_partition(
     ok = np.isfinite(table["RECON_RCHI2"].to_numpy())
     scores = ensemble.score(
         np.stack(table.loc[ok, "LATENT"].to_numpy()).reshape(int(ok.sum()), -1),
-        residual_matrix(table.loc[ok]),
+        stats_matrix(table.loc[ok]),
         table.loc[ok, "SNR_MEDIAN"].to_numpy(),
     )
     out = table.drop(columns=["LATENT"])

@@ -27,7 +27,7 @@ SMALL = EnsembleConfig(iforest_estimators=50, knn_reference_size=2000, chunk_siz
 
 def inputs(s: SyntheticLatents, rows=slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(latents, residuals, snr) of the chosen rows: the arguments of fit and score."""
-    return s.latents[rows], s.residuals[rows], s.snr[rows]
+    return s.latents[rows], s.stats[rows], s.snr[rows]
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +70,13 @@ def test_score_of_normal_spectra_does_not_track_snr(scored, test_set):
     normal = ~test_set.is_anomaly
     snr = test_set.snr[normal]
     # the synthetic misfit grows with S/N (as the VAE's does), the S/N-binned score must not
-    assert spearmanr(test_set.residuals[normal, 0], snr)[0] > 0.5
+    assert spearmanr(test_set.stats[normal, 0], snr)[0] > 0.5
     assert abs(spearmanr(scored.loc[normal, "ANOMALY_SCORE"], snr)[0]) < 0.1
 
 
 def test_extreme_scores_stay_ordered_beyond_the_reference(ensemble, test_set):
     latents = np.repeat(test_set.latents[:1], 4, axis=0)
-    residuals = np.repeat(test_set.residuals[:1], 4, axis=0)
+    residuals = np.repeat(test_set.stats[:1], 4, axis=0)
     residuals[:, 0] = [1.0, 5.0, 20.0, 80.0]
     out = ensemble.score(latents, residuals, np.full(4, 3.0))
     n_ref = ensemble.info["n_reference"]  # over all S/N bins: a bin holds fewer
@@ -130,11 +130,11 @@ def test_load_rejects_other_latent_dimension_and_other_files(ensemble, tmp_path)
 
 def test_wrong_latent_dimension_and_unfitted_use_are_errors(ensemble, test_set):
     with pytest.raises(AnomalyInputError, match="fitted on 128-d latents, got 64-d"):
-        ensemble.score(test_set.latents[:10, :64], test_set.residuals[:10], test_set.snr[:10])
-    with pytest.raises(AnomalyInputError, match=r"residuals must have shape \(10, 3\)"):
-        ensemble.score(test_set.latents[:10], test_set.residuals[:9], test_set.snr[:10])
+        ensemble.score(test_set.latents[:10, :64], test_set.stats[:10], test_set.snr[:10])
+    with pytest.raises(AnomalyInputError, match=r"stats must have shape \(10, 8\)"):
+        ensemble.score(test_set.latents[:10], test_set.stats[:9], test_set.snr[:10])
     with pytest.raises(AnomalyInputError, match=r"snr must have shape \(10,\)"):
-        ensemble.score(test_set.latents[:10], test_set.residuals[:10], test_set.snr[:9])
+        ensemble.score(test_set.latents[:10], test_set.stats[:10], test_set.snr[:9])
     with pytest.raises(DesiAnomalyError, match="before fit"):
         AnomalyEnsemble(SMALL).score(*inputs(test_set, slice(0, 10)))
 
@@ -142,14 +142,14 @@ def test_wrong_latent_dimension_and_unfitted_use_are_errors(ensemble, test_set):
 def test_non_finite_rows_are_counted_in_the_error(ensemble, train):
     latents = train.latents.copy()
     latents[[3, 10, 11], 5] = np.nan
-    residuals = train.residuals.copy()
+    residuals = train.stats.copy()
     residuals[20, 1] = np.inf
     snr = train.snr.copy()
     snr[30] = np.nan
     with pytest.raises(AnomalyInputError, match=r"5 of 5000 rows have non-finite .* row 3"):
         AnomalyEnsemble(SMALL).fit(latents, residuals, snr, seed=0)
     with pytest.raises(AnomalyInputError, match=r"3 of 100 rows"):
-        ensemble.score(latents[:100], train.residuals[:100], train.snr[:100])
+        ensemble.score(latents[:100], train.stats[:100], train.snr[:100])
 
 
 def test_too_few_training_rows_is_an_error(train):
@@ -163,7 +163,7 @@ def test_too_few_training_rows_is_an_error(train):
 def test_dead_latent_dimension_gives_finite_scores(train, test_set):
     latents = train.latents.copy()
     latents[:, 100] = 0.25  # a dead VAE unit: constant in training
-    ensemble = AnomalyEnsemble(SMALL).fit(latents, train.residuals, train.snr, seed=0)
+    ensemble = AnomalyEnsemble(SMALL).fit(latents, train.stats, train.snr, seed=0)
     out = ensemble.score(*inputs(test_set, slice(0, 200)))
     assert np.isfinite(out.to_numpy()).all()
 
@@ -176,3 +176,15 @@ def test_fit_is_reproducible_with_a_seed(train, test_set, ensemble):
         ensemble.score(*inputs(test_set, batch)).to_numpy(),
         rtol=1e-6,
     )
+
+
+def test_weak_lines_raise_the_lines_component(ensemble, test_set):
+    rows = np.flatnonzero(~test_set.is_anomaly)[:200]
+    latents, stats, snr = inputs(test_set, rows)
+    weak = stats.copy()
+    weak[:, 3:] *= 0.2  # every measured line 5x weaker
+    before = ensemble.score(latents, stats, snr)["TAILP_LINES"].to_numpy()
+    after = ensemble.score(latents, weak, snr)["TAILP_LINES"].to_numpy()
+    measured = np.isfinite(stats[:, 3:]).any(axis=1)
+    assert np.median(after[measured]) < 0.01 < np.median(before[measured])
+    np.testing.assert_array_equal(after[~measured], before[~measured])  # nothing to compare

@@ -15,6 +15,10 @@ Components (each one a score, larger = more anomalous):
   ``desi_anomaly.ml.residuals``), on a log scale: their upper tails are close to power laws (the
   misfit of rare but normal spectra grows with S/N), which the exponential tail below would
   extrapolate far too steeply on the raw scale.
+- ``LINES``: line weakness, minus the mean over the measured broad lines (``EW_*`` columns of the
+  cleaned shards; NaN where a line is not covered) of the standardised log equivalent width
+  (median and MAD of the training spectra). Weak-line quasars are only ~2 sigma outliers in line
+  flux, which the reconstruction fits with ease, but 3-10x below the typical EW in every line.
 
 ECOD/COPOD are not used: PyOD scores new rows by recomputing the ECDFs over the training set plus
 the whole batch, so a spectrum's score depends on which other spectra share its batch, and every
@@ -32,8 +36,9 @@ spectrum should not track S/N. Within its bin, the tail probability of a compone
 score u (m = min(100, n_ref // 10)) it is extrapolated with an exponential tail,
 ``(m + 1) / (n_ref + 1) * exp(-(s - u) / scale)`` with scale = mean excess of the top m, so extreme
 spectra keep distinct scores instead of tying at ``1 / (n_ref + 1)``. The combined
-``ANOMALY_SCORE`` is the largest ``-ln(tail probability)`` over the components: about 2.4
-(ln 6 + Euler's constant) for a typical spectrum, large when any one component is extreme. It is a
+``ANOMALY_SCORE`` is the largest ``-ln(tail probability)`` over the components: about 2.6 for a
+typical spectrum (the mean largest of 7 unit exponentials), large when any one component is
+extreme. It is a
 ranking score, not a p-value; ``desi_anomaly.ml.significance`` calibrates it.
 """
 
@@ -61,13 +66,19 @@ from threadpoolctl import ThreadpoolController
 from desi_anomaly import __version__
 from desi_anomaly.atomic import atomic_path
 from desi_anomaly.errors import DesiAnomalyError
+from desi_anomaly.preprocess.features import BROAD_LINES
 
 from .residuals import RESIDUAL_COLUMNS
 
 LATENT_DETECTORS = ("IFOREST", "PCA", "KNN")
 #: Residual components and the latents-table columns they read (``RESIDUAL_COLUMNS`` order).
 RESIDUAL_COMPONENTS = dict(zip(("RECON", "DIP", "PEAK"), RESIDUAL_COLUMNS, strict=True))
-COMPONENTS = (*LATENT_DETECTORS, *RESIDUAL_COMPONENTS)
+#: Broad-line equivalent widths read by the LINES component (NaN allowed).
+LINE_EW_COLUMNS = tuple(f"EW_{line.name}" for line in BROAD_LINES)
+#: Columns of the ``stats`` array of ``fit`` and ``score``, in order (``stats_matrix``).
+STAT_COLUMNS = (*RESIDUAL_COLUMNS, *LINE_EW_COLUMNS)
+COMPONENTS = (*LATENT_DETECTORS, *RESIDUAL_COMPONENTS, "LINES")
+EW_FLOOR = 1.0  # Angstrom: smaller (or negative, noisy) EWs count as this before the log
 SCORE_COLUMNS = (
     *(f"SCORE_{name}" for name in LATENT_DETECTORS),
     *(f"TAILP_{name}" for name in COMPONENTS),
@@ -155,6 +166,12 @@ class _SnrTails:
         return out
 
 
+def _log_ew(stats: np.ndarray) -> np.ndarray:
+    """log of the line EW columns of ``stats`` (NaN stays NaN)."""
+    ew = stats[:, len(RESIDUAL_COLUMNS) :]
+    return np.log(np.maximum(ew, EW_FLOOR, where=np.isfinite(ew), out=ew.copy()))
+
+
 def combine(neg_log_tail: np.ndarray) -> np.ndarray:
     """ANOMALY_SCORE from the (n_components, n) ``-ln`` tail probabilities."""
     return neg_log_tail.max(axis=0)
@@ -183,10 +200,10 @@ def _as_inputs(
     s = np.asarray(snr, dtype=np.float64)
     if x.ndim != 2:
         raise AnomalyInputError(f"latents must be 2-D (n_spectra, latent_dim), got shape {x.shape}")
-    if r.shape != (x.shape[0], len(RESIDUAL_COLUMNS)):
+    if r.shape != (x.shape[0], len(STAT_COLUMNS)):
         raise AnomalyInputError(
-            f"residuals must have shape ({x.shape[0]}, {len(RESIDUAL_COLUMNS)}) (columns "
-            f"{', '.join(RESIDUAL_COLUMNS)}) to match the latents, got {r.shape}"
+            f"stats must have shape ({x.shape[0]}, {len(STAT_COLUMNS)}) (columns "
+            f"{', '.join(STAT_COLUMNS)}) to match the latents, got {r.shape}"
         )
     if s.shape != (x.shape[0],):
         raise AnomalyInputError(f"snr must have shape ({x.shape[0]},), got {s.shape}")
@@ -194,13 +211,14 @@ def _as_inputs(
         raise AnomalyInputError(
             f"the detector was fitted on {latent_dim}-d latents, got {x.shape[1]}-d latents"
         )
-    check_finite_rows("latents, residual statistics or S/N", x, r, s)
+    check_finite_rows("latents, residual statistics or S/N", x, r[:, : len(RESIDUAL_COLUMNS)], s)
     return x, r, s
 
 
-def residual_matrix(table: pd.DataFrame) -> np.ndarray:
-    """(n, 3) residual statistics (``RESIDUAL_COLUMNS``) of a latents or scores table."""
-    return table[list(RESIDUAL_COLUMNS)].to_numpy(dtype=np.float64)
+def stats_matrix(table: pd.DataFrame) -> np.ndarray:
+    """(n, len(STAT_COLUMNS)) residual statistics and line EWs of a table (EW columns it lacks
+    are NaN: no line measured)."""
+    return table.reindex(columns=list(STAT_COLUMNS)).to_numpy(dtype=np.float64)
 
 
 class AnomalyEnsemble:
@@ -217,12 +235,12 @@ class AnomalyEnsemble:
         return self.info.get("latent_dim")
 
     def fit(
-        self, latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray, *, seed: int
+        self, latents: np.ndarray, stats: np.ndarray, snr: np.ndarray, *, seed: int
     ) -> AnomalyEnsemble:
-        """Fit on a training sample: latents (n, d), residual statistics (n, 3) in
-        ``RESIDUAL_COLUMNS`` order (``residual_matrix``) and median S/N (n,)."""
+        """Fit on a training sample: latents (n, d), residual statistics and line EWs
+        (n, len(STAT_COLUMNS), ``stats_matrix``) and median S/N (n,)."""
         cfg = self.config
-        x, r, s = _as_inputs(latents, residuals, snr, None)
+        x, r, s = _as_inputs(latents, stats, snr, None)
         n = len(x)
         n_ref = int(cfg.reference_fraction * n)
         n_fit = n - n_ref
@@ -237,6 +255,12 @@ class AnomalyEnsemble:
         knn_rows = np.sort(perm[n_ref : n_ref + cfg.knn_reference_size])
         with _threadpools().limit(limits=cfg.n_jobs):
             self._fit_detectors(x[fit_rows], x[knn_rows], seed)
+            log_ew = _log_ew(r[fit_rows])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # lines never measured
+                self.ew_median_ = np.nanmedian(log_ew, axis=0)
+                mad = np.nanmedian(np.abs(log_ew - self.ew_median_), axis=0)
+            self.ew_scale_ = np.where(mad > 0, 1.4826 * mad, 1.0)
             self.tails_ = _SnrTails(
                 self._component_scores(x[ref_rows], r[ref_rows]),
                 s[ref_rows],
@@ -285,9 +309,13 @@ class AnomalyEnsemble:
             "KNN": self.knn_.decision_function(self.knn_projection_.transform(x)),
         }
         log_r = np.log(np.maximum(r, 1e-3))  # power-law tails become exponential (module doc)
-        return scores | {name: log_r[:, i] for i, name in enumerate(RESIDUAL_COMPONENTS)}
+        scores |= {name: log_r[:, i] for i, name in enumerate(RESIDUAL_COMPONENTS)}
+        z = (_log_ew(r) - self.ew_median_) / self.ew_scale_
+        measured = np.isfinite(z).sum(axis=1)
+        weakness = -np.where(np.isfinite(z), z, 0.0).sum(axis=1) / np.maximum(measured, 1)
+        return scores | {"LINES": weakness}
 
-    def score(self, latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray) -> pd.DataFrame:
+    def score(self, latents: np.ndarray, stats: np.ndarray, snr: np.ndarray) -> pd.DataFrame:
         """Score a batch; each row's result depends only on that row and the fitted ensemble.
 
         Returns one row per spectrum: ``SCORE_IFOREST``, ``SCORE_PCA``, ``SCORE_KNN`` (raw detector
@@ -296,7 +324,7 @@ class AnomalyEnsemble:
         """
         if not self.info:
             raise DesiAnomalyError("AnomalyEnsemble.score called before fit or load")
-        x, r, s = _as_inputs(latents, residuals, snr, self.latent_dim)
+        x, r, s = _as_inputs(latents, stats, snr, self.latent_dim)
         step = self.config.chunk_size
         with _threadpools().limit(limits=self.config.n_jobs):
             parts = [
@@ -389,7 +417,7 @@ class SyntheticLatents:
     """Synthetic VAE outputs: latents, residual statistics, median S/N and the anomaly flags."""
 
     latents: np.ndarray  # (n, dim) float32
-    residuals: np.ndarray  # (n, 3) float64, RESIDUAL_COLUMNS
+    stats: np.ndarray  # (n, len(STAT_COLUMNS)) float64: residual statistics, line EWs
     snr: np.ndarray  # (n,) float64
     is_anomaly: np.ndarray  # (n,) bool
 
@@ -405,7 +433,8 @@ def synthetic_latents(
     Normal spectra: a 6-component Gaussian mixture in ``n_active`` latent dimensions whose spread
     grows at low S/N, the other dimensions near-collapsed (sigma 0.05); RECON_RCHI2 near 1 and
     RESID_DIP/RESID_PEAK near the maximum of a few thousand standard normals, each with a
-    model-mismatch term growing with S/N. S/N follows the DR1 QSO distribution (median 2.3).
+    model-mismatch term growing with S/N; log-normal line EWs, half of them NaN (not covered).
+    S/N follows the DR1 QSO distribution (median 2.3).
     The mixture is the same for every ``seed``, so chunks drawn with different seeds form one
     population. Anomalies (three kinds in equal shares): excursions in three collapsed dimensions,
     latents far from the mixture, or a residual excess only (RECON_RCHI2 and RESID_DIP); all have
@@ -443,4 +472,6 @@ def synthetic_latents(
     rchi2[bad] *= rng.uniform(1.3, 3.0, int(bad.sum()))
     rchi2[bad & (kind == 2)] *= 1.5
     dip[bad & (kind == 2)] += rng.uniform(2.0, 10.0, int((bad & (kind == 2)).sum()))
-    return SyntheticLatents(z, np.column_stack([rchi2, dip, peak]), snr, bad)
+    ew = 30.0 * rng.lognormal(0.0, 0.5, (n, len(LINE_EW_COLUMNS)))
+    ew[rng.random(ew.shape) < 0.5] = np.nan  # lines outside the observed range
+    return SyntheticLatents(z, np.column_stack([rchi2, dip, peak, ew]), snr, bad)

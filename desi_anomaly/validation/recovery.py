@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from desi_anomaly.discovery import SNR_EDGES, Z_EDGES
-from desi_anomaly.ml.detectors import AnomalyEnsemble
+from desi_anomaly.ml.detectors import LINE_EW_COLUMNS, AnomalyEnsemble
 from desi_anomaly.ml.encoding import encode_shard
 from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
@@ -98,12 +98,14 @@ def as_shard(cleaned: CleanedSpectra, partition: str = "injection") -> Shard:
 
 
 def encode(vae: TrainedVAE, cleaned: CleanedSpectra) -> tuple[np.ndarray, np.ndarray]:
-    """VAE posterior-mean latents (n, d) and residual statistics (n, 3; ``RESIDUAL_COLUMNS``,
-    NaN for spectra without good pixels) of cleaned spectra."""
+    """VAE codes (n, d) and the ensemble's ``stats`` (residual statistics, NaN for spectra without
+    good pixels, then the line EWs of the cleaning step) of cleaned spectra."""
     table = encode_shard(vae, as_shard(cleaned))
     dim = vae.config.code_dim
     latents = table.column("LATENT").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return latents, np.column_stack([table.column(c).to_numpy() for c in RESIDUAL_COLUMNS])
+    resid = [table.column(c).to_numpy() for c in RESIDUAL_COLUMNS]
+    ew = cleaned.meta.reindex(columns=list(LINE_EW_COLUMNS)).to_numpy(dtype=np.float64)
+    return latents, np.column_stack([*resid, ew])
 
 
 def fit_detectors(
@@ -117,13 +119,13 @@ def fit_detectors(
 ) -> Detectors:
     """Fit the ensemble and the PCA baseline on ``train`` and calibrate both on ``calibration``."""
     latents, resid = encode(vae, train)
-    ok = np.isfinite(resid).all(axis=1)
+    ok = np.isfinite(resid[:, 0])
     snr = train.meta["SNR_MEDIAN"].to_numpy()[ok]
     ensemble = AnomalyEnsemble().fit(latents[ok], resid[ok], snr, seed=seed)
     pca = PCABaseline(pca_components, seed=seed).fit(train.flux, train.ivar)
 
     latents, resid = encode(vae, calibration)
-    ok = np.isfinite(resid).all(axis=1)
+    ok = np.isfinite(resid[:, 0])
     snr = calibration.meta["SNR_MEDIAN"].to_numpy()[ok]
     z = calibration.meta["Z"].to_numpy()[ok]
     minimum = min(min_per_stratum, int(ok.sum()))
@@ -142,7 +144,7 @@ def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
     """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 with conformal
     p-values of cleaned spectra (rows without any good pixel are left out)."""
     latents, resid = encode(det.vae, cleaned)
-    ok = np.isfinite(resid).all(axis=1)
+    ok = np.isfinite(resid[:, 0])
     meta = cleaned.meta.loc[ok, [c for c in _META if c in cleaned.meta]].reset_index(drop=True)
     table = meta.assign(**{c: resid[ok, i] for i, c in enumerate(RESIDUAL_COLUMNS)})
     snr, z = table["SNR_MEDIAN"].to_numpy(), table["Z"].to_numpy()
