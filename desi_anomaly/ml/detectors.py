@@ -17,8 +17,8 @@ Components (each one a score, larger = more anomalous):
   extrapolate far too steeply on the raw scale.
 - ``LINES``: line weakness, minus the mean over the measured broad lines (``EW_*`` columns of the
   cleaned shards; NaN where a line is not covered) of the standardised log equivalent width
-  (median and MAD of the training spectra). Weak-line quasars are only ~2 sigma outliers in line
-  flux, which the reconstruction fits with ease, but 3-10x below the typical EW in every line.
+  (median and MAD of the training spectra). The reconstruction fits a weak-line quasar with ease
+  (in linear flux it is a modest outlier), but on a log scale every one of its lines is low.
 
 ECOD/COPOD are not used: PyOD scores new rows by recomputing the ECDFs over the training set plus
 the whole batch, so a spectrum's score depends on which other spectra share its batch, and every
