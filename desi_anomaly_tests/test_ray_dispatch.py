@@ -22,7 +22,12 @@ from desi_anomaly.ml import (
     read_latents_info,
     train_vae,
 )
-from desi_anomaly.ml.raydispatch import encode_shards_on_ray, init_ray, train_on_ray
+from desi_anomaly.ml.raydispatch import (
+    encode_shards_on_ray,
+    init_ray,
+    largest_node_cpus,
+    train_on_ray,
+)
 from desi_anomaly.shards import read_shard
 
 TINY = VAEConfig(latent_dim=4, channels=(4, 8, 8, 8, 8, 8), epochs=2, batch_size=32)
@@ -56,10 +61,12 @@ def test_local_runtime_is_bound_to_localhost_with_the_requested_cpus(local_ray):
     assert ray.cluster_resources()["CPU"] == 2
     init_ray(None)  # already connected: a no-op, not a second runtime
     assert ray.cluster_resources()["CPU"] == 2
+    assert largest_node_cpus() == 2  # CPU-only training takes the whole node as torch threads
 
 
 def test_train_on_ray_reaches_the_in_process_result(local_ray, shards, checkpoint, tmp_path):
-    remote = load_checkpoint(train_on_ray(shards, tmp_path, TINY))
+    # one CPU, as the in-process run: bit-identical weights need the same torch thread count
+    remote = load_checkpoint(train_on_ray(shards, tmp_path, TINY, num_cpus=1))
     local = load_checkpoint(checkpoint)
     assert [h["val_loss"] for h in remote.history] == [h["val_loss"] for h in local.history]
     for name, weights in local.model.state_dict().items():

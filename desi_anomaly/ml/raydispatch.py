@@ -42,6 +42,13 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the connected cluster's largest alive node."""
+    return max(
+        (int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1
+    )
+
+
 def _train_task(shards, out_dir, config_dict, num_cpus, options) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(num_cpus)
@@ -54,15 +61,18 @@ def train_on_ray(
     out_dir: str | Path,
     config: VAEConfig | None = None,
     *,
-    num_cpus: int = 1,
+    num_cpus: int | None = None,
     **options: Any,
 ) -> Path:
-    """Run ``train_vae`` as one Ray task (one GPU when the cluster has any, else ``num_cpus``
-    CPUs); the device is chosen inside the task, ``options`` (resume, max_spectra, split) go to
-    ``train_vae``. Returns the checkpoint path."""
+    """Run ``train_vae`` as one Ray task: one GPU (and one CPU) when the cluster has any GPU,
+    else every CPU of its largest node as torch threads, unless ``num_cpus`` is given. The device
+    is chosen inside the task, ``options`` (resume, max_spectra, split) go to ``train_vae``.
+    Returns the checkpoint path."""
     config = config or VAEConfig()
+    gpu = cluster_has_gpu()
+    num_cpus = num_cpus or (1 if gpu else largest_node_cpus())
     task = ray.remote(_train_task).options(
-        num_cpus=num_cpus, num_gpus=1 if cluster_has_gpu() else 0, max_retries=0
+        num_cpus=num_cpus, num_gpus=1 if gpu else 0, max_retries=0
     )
     ref = task.remote([str(p) for p in shards], str(out_dir), config.to_dict(), num_cpus, options)
     return Path(ray.get(ref))
@@ -80,7 +90,8 @@ class ShardEncoder:
 
     def __init__(self, checkpoint: str, threads: int):
         torch.set_num_threads(threads)
-        self.vae = load_checkpoint(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae = load_checkpoint(checkpoint, device=device)
 
     def encode(self, shard_path: str, out_dir: str, batch_size: int) -> EncodeResult:
         return encode_partition(self.vae, shard_path, out_dir, batch_size=batch_size)
@@ -95,9 +106,9 @@ def encode_shards_on_ray(
     num_actors: int = 2,
 ) -> list[EncodeResult]:
     """Encode shards into ``{out_dir}/latents/{key}.parquet`` with a pool of ``num_actors`` actors
-    (each loads the checkpoint once). Partitions already encoded with this checkpoint are skipped
-    without starting any actor; a failing shard yields an error result for its partition only.
-    Results follow ``shard_paths``.
+    (each loads the checkpoint once, on a share of the cluster's GPUs when it has any).
+    Partitions already encoded with this checkpoint are skipped without starting any actor; a
+    failing shard yields an error result for its partition only. Results follow ``shard_paths``.
     """
     sha256 = file_sha256(checkpoint)
     results = [already_encoded(p, out_dir, sha256) for p in shard_paths]
@@ -105,7 +116,11 @@ def encode_shards_on_ray(
     if not todo:
         return results
     n_actors = max(1, min(num_actors, len(todo)))
-    actors = [ShardEncoder.remote(str(checkpoint), 1) for _ in range(n_actors)]
+    gpus = ray.cluster_resources().get("GPU", 0)  # actors share the GPUs when there are any
+    share = min(1.0, gpus / n_actors) if gpus else 0
+    actors = [
+        ShardEncoder.options(num_gpus=share).remote(str(checkpoint), 1) for _ in range(n_actors)
+    ]
     refs = {
         i: actors[j % n_actors].encode.remote(str(shard_paths[i]), str(out_dir), batch_size)
         for j, i in enumerate(todo)
