@@ -279,7 +279,8 @@ Mock drop: {ing["partitions"]} healpix files of {f["per_file"]} QSOs + {f["other
 targets; {ing["n"]:,} QSO spectra read, {ing["kept"]:,} kept after the quality cuts
 ({len(ing["failed"])} partitions failed). VAE: {tr["n_train"]:,} training spectra (cap
 `--max-train {f["max_train"]}`), {tr["epochs"]} epochs (`--epochs {f["epochs"]}`), one Ray task
-(which sets 1 torch thread); encoding on {f["ray_cpus"]} Ray actors. Load is the 1-minute load
+(torch threads: every CPU of the node when there is no GPU); encoding on
+{f["ray_cpus"]} Ray actors. Load is the 1-minute load
 average at the start and end of the stage (the machine is shared; CPU seconds are the stage's own).
 Significant anomalies (q < 0.01): {by["cluster"]["significant"]:,}; catalog rows:
 {by["catalog"]["catalog_rows"]:,}. Wall time of the whole run {f["total_wall_s"] / 60:.1f} min.
@@ -363,7 +364,7 @@ def projection(runs: list[dict[str, Any]], p: argparse.Namespace) -> tuple[str, 
             else:  # one process over the whole release: its measured thread parallelism
                 wall[stage] = cpu_s[stage] / max(1.0, _parallelism(run, stage))
         gpu = sum(wall.values())
-        cpu_only = gpu - wall["train"] + train_cpu / (p.cores if nodes else 1)
+        cpu_only = gpu - wall["train"] + train_cpu / p.cores  # the node's CPUs as torch threads
         label = str(nodes) if nodes else "1, `desi-anomaly run` as is"
         out["nodes"][label] = {"wall_s": wall, "gpu_total_s": gpu, "cpu_only_total_s": cpu_only}
         cells = " | ".join(f"{wall[s] / 60:,.1f}" for s in STAGES)
@@ -418,11 +419,11 @@ Assumptions (not measured here):
 - a node has {p.cores} cores and one GPU; **the GPU trains the VAE {p.gpu_speedup:g}x faster
   than one CPU core** (`--gpu-speedup`; an assumption, no GPU here: conservative for a current
   data-centre GPU on a 1-D conv net of this size); the CPU-only column trains on all
-  {p.cores} cores with perfect thread scaling instead. As the code stands, `train_on_ray` gives
-  the training task 1 CPU and 1 torch thread when there is no GPU: CPU-only training would then
-  take {train_cpu / 3600:.1f} h;
+  {p.cores} cores with perfect thread scaling instead (`train_on_ray` gives a CPU-only training
+  task every CPU of the node as torch threads);
 - ingest, encoding and scoring are per partition and spread perfectly over every core of every
-  node (encoding runs on CPU Ray actors: `ShardEncoder` asks for no GPU). That needs the
+  node (encoding is costed on CPUs; on a GPU node the encoder actors share the GPU, which this
+  projection does not credit). That needs the
   partitions run concurrently (`max_concurrent_runs` >= cores; the shipped dagster.yaml allows
   2): `desi-anomaly run` ingests one partition after another and scores the whole range in one
   step, which the row "as is" shows (only encoding parallel there);
