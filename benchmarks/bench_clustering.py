@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, update_section
+from report import machine, reset_peak_rss, status_mib, update_section
 
 from desi_anomaly.ml import anomaly_types
 from desi_anomaly.ml.detectors import synthetic_latents
@@ -42,11 +42,6 @@ from desi_anomaly.preprocess.grid import DESI_OBS_MAX, DESI_OBS_MIN
 from desi_anomaly.preprocess.pipeline import DEFAULT_GRID
 
 LINES = ("LYA", "CIV", "CIII", "MGII", "HBETA")
-
-
-def _status_mib(field: str) -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
 @dataclass
@@ -149,12 +144,12 @@ def run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     inputs = make_inputs(n, args.n_reference, args.n_population, args.groups, args.grouped, 0)
     generate = time.perf_counter() - start
-    rss_before = _status_mib("VmRSS")
+    rss_before = status_mib("VmRSS")
 
     parts: dict[str, float] = {}
     _timed(anomaly_types, "_embed", parts)
     _timed(hdbscan.HDBSCAN, "fit_predict", parts)
-    Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM at the current RSS
+    reset_peak_rss()
     start, cpu = time.perf_counter(), time.process_time()
     types = _call(inputs, args.seed)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -171,7 +166,7 @@ def run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "umap": parts.get("_embed", 0.0),
         "hdbscan": parts.get("fit_predict", 0.0),
         "rss_before": rss_before,
-        "peak": _status_mib("VmHWM"),
+        "peak": status_mib("VmHWM"),
         "clusters": len(types.clusters),
         "noise": float(np.mean(labels < 0)),
         "planted_clustered": float(np.mean(labels[planted] >= 0)),

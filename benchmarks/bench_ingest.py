@@ -34,28 +34,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, update_section
+from report import machine, reset_peak_rss, status_mib, update_section
 
 from desi_anomaly.io.partitions import discover
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _status_mib(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (Linux), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> None:
-    """Restart the peak-RSS count (VmHWM) at the current RSS.
-
-    A spawned child starts with the ru_maxrss of the parent it was forked from, so without this
-    every stage would report the parent's peak.
-    """
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _qso_rows(coadd: Path, redrock: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -168,15 +151,15 @@ def _run(stage: str, pairs, repeat: int, queue) -> None:
     timed = STAGES[stage](pairs)
     timed()  # warm page cache
     gc.collect()
-    _reset_peak_rss()
-    before = _status_mib("VmRSS")
+    reset_peak_rss()
+    before = status_mib("VmRSS")
     wall, cpu = [], []
     for _ in range(repeat):
         start, start_cpu = time.perf_counter(), time.process_time()
         n = timed()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    queue.put((n, min(wall), min(cpu), before, _status_mib("VmHWM")))
+    queue.put((n, min(wall), min(cpu), before, status_mib("VmHWM")))
 
 
 def run_stage(stage: str, pairs, repeat: int) -> dict:

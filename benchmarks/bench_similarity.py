@@ -31,16 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, update_section
+from report import machine, status_mib, update_section
 
 from desi_anomaly.catalog import build_latents_db, similar
-
-
-def _peak_mib() -> float:
-    """This process's peak RSS (VmHWM): unlike ``ru_maxrss``, a spawned child does not inherit
-    the parent's peak."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def generate(latents_dir: Path, n: int, per_file: int, dim: int, seed: int) -> int:
@@ -66,7 +59,7 @@ def generate(latents_dir: Path, n: int, per_file: int, dim: int, seed: int) -> i
 def _build(db: Path, latents_dir: Path) -> tuple[float, float, int, float]:
     start, cpu = time.perf_counter(), time.process_time()
     n = build_latents_db(db, latents_dir)
-    return time.perf_counter() - start, time.process_time() - cpu, n, _peak_mib()
+    return time.perf_counter() - start, time.process_time() - cpu, n, status_mib("VmHWM")
 
 
 def _query(db: Path, targetids: list[int], k: int) -> tuple[list[float], float, float]:
@@ -75,7 +68,7 @@ def _query(db: Path, targetids: list[int], k: int) -> tuple[list[float], float, 
         start = time.perf_counter()
         similar(db, tid, k=k)
         times.append(time.perf_counter() - start)
-    return times, time.process_time() - cpu, _peak_mib()
+    return times, time.process_time() - cpu, status_mib("VmHWM")
 
 
 def _in_fresh_process(fn, *args):

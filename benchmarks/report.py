@@ -20,6 +20,21 @@ def machine() -> str:
     )
 
 
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory figure (VmRSS, VmHWM, ...) of a process from /proc/PID/status (Linux), MiB.
+
+    VmHWM, unlike ``ru_maxrss``, is not inherited by a spawned child from its parent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS count (VmHWM) at its current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def update_section(doc: Path, name: str, markdown: str) -> None:
     """Replace the ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block, or append one."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

@@ -38,8 +38,7 @@ score u (m = min(100, n_ref // 10)) it is extrapolated with an exponential tail,
 spectra keep distinct scores instead of tying at ``1 / (n_ref + 1)``. The combined
 ``ANOMALY_SCORE`` is the largest ``-ln(tail probability)`` over the components: about 2.6 for a
 typical spectrum (the mean largest of 7 unit exponentials), large when any one component is
-extreme. It is a
-ranking score, not a p-value; ``desi_anomaly.ml.significance`` calibrates it.
+extreme. It is a ranking score, not a p-value; ``desi_anomaly.ml.significance`` calibrates it.
 """
 
 from __future__ import annotations
@@ -193,10 +192,10 @@ def check_finite_rows(name: str, *columns: np.ndarray) -> None:
 
 
 def _as_inputs(
-    latents: np.ndarray, residuals: np.ndarray, snr: np.ndarray, latent_dim: int | None
+    latents: np.ndarray, stats: np.ndarray, snr: np.ndarray, latent_dim: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = np.asarray(latents, dtype=np.float32)
-    r = np.asarray(residuals, dtype=np.float64)
+    r = np.asarray(stats, dtype=np.float64)
     s = np.asarray(snr, dtype=np.float64)
     if x.ndim != 2:
         raise AnomalyInputError(f"latents must be 2-D (n_spectra, latent_dim), got shape {x.shape}")

@@ -37,9 +37,9 @@ def init_ray(address: str | None = None, *, num_cpus: int = 2) -> None:
         ray.init(address=address, **quiet)
 
 
-def cluster_has_gpu() -> bool:
-    """True when the connected Ray cluster offers at least one GPU."""
-    return ray.cluster_resources().get("GPU", 0) > 0
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 when it has none)."""
+    return ray.cluster_resources().get("GPU", 0)
 
 
 def largest_node_cpus() -> int:
@@ -69,7 +69,7 @@ def train_on_ray(
     is chosen inside the task, ``options`` (resume, max_spectra, split) go to ``train_vae``.
     Returns the checkpoint path."""
     config = config or VAEConfig()
-    gpu = cluster_has_gpu()
+    gpu = cluster_gpus() > 0
     num_cpus = num_cpus or (1 if gpu else largest_node_cpus())
     task = ray.remote(_train_task).options(
         num_cpus=num_cpus, num_gpus=1 if gpu else 0, max_retries=0
@@ -116,7 +116,7 @@ def encode_shards_on_ray(
     if not todo:
         return results
     n_actors = max(1, min(num_actors, len(todo)))
-    gpus = ray.cluster_resources().get("GPU", 0)  # actors share the GPUs when there are any
+    gpus = cluster_gpus()  # actors share the GPUs when there are any
     share = min(1.0, gpus / n_actors) if gpus else 0
     actors = [
         ShardEncoder.options(num_gpus=share).remote(str(checkpoint), 1) for _ in range(n_actors)

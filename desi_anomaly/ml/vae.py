@@ -136,7 +136,8 @@ class SpectrumVAE(nn.Module):
             nn.Conv1d(up[-1], 1, k, padding=pad),
         )
         # Eigenspectra of the linear part (columns), coefficients solved per spectrum; training
-        # starts them from the principal components of the training spectra (``set_eigen``).
+        # starts them from the principal components of the training spectra
+        # (``training.principal_spectra``).
         self.eigen = nn.Parameter(torch.zeros(config.npix, config.linear_dim))
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))

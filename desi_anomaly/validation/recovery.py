@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from desi_anomaly.discovery import SNR_EDGES, Z_EDGES
-from desi_anomaly.ml.detectors import LINE_EW_COLUMNS, AnomalyEnsemble
+from desi_anomaly.ml.detectors import AnomalyEnsemble, stats_matrix
 from desi_anomaly.ml.encoding import encode_shard
 from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
@@ -103,9 +103,8 @@ def encode(vae: TrainedVAE, cleaned: CleanedSpectra) -> tuple[np.ndarray, np.nda
     table = encode_shard(vae, as_shard(cleaned))
     dim = vae.config.code_dim
     latents = table.column("LATENT").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    resid = [table.column(c).to_numpy() for c in RESIDUAL_COLUMNS]
-    ew = cleaned.meta.reindex(columns=list(LINE_EW_COLUMNS)).to_numpy(dtype=np.float64)
-    return latents, np.column_stack([*resid, ew])
+    resid = table.select(list(RESIDUAL_COLUMNS)).to_pandas()
+    return latents, stats_matrix(pd.concat([resid, cleaned.meta.reset_index(drop=True)], axis=1))
 
 
 def fit_detectors(
