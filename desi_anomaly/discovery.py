@@ -1,7 +1,8 @@
 """The discovery stages after cleaning, each a plain function over an output ``Layout``:
 
 ``train_checkpoint`` (VAE on the train split) -> ``encode_partitions`` (latents per partition) ->
-``fit_detector`` (ensemble on train latents, conformal calibrator on the calibration split) ->
+``fit_detector`` (ensemble on train latents with tail probabilities against the reference split,
+conformal calibrator on the calibration split) ->
 ``score_partition`` (score and p-value per spectrum) -> ``cluster_anomalies`` (BH q-values over all
 scored spectra, types of the significant ones) -> ``write_catalog`` (ranked catalog, evidence,
 plots, Parquet/FITS/DuckDB outputs).
@@ -46,7 +47,7 @@ from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
 from desi_anomaly.ml.training import CHECKPOINT_NAME
 from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import read_shard
-from desi_anomaly.splits import assign_split
+from desi_anomaly.splits import SPLITS, assign_split
 
 #: Per-spectrum columns carried from the cleaned shard into the scores.
 META_COLUMNS = (
@@ -143,6 +144,11 @@ def _stack(frames: list[pd.DataFrame], split: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def _detector_inputs(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latents, stats, S/N) of a table of latents rows: the inputs of the ensemble."""
+    return np.stack(table["LATENT"].to_numpy()), stats_matrix(table), table["SNR_MEDIAN"].to_numpy()
+
+
 def stratum_size(alpha: float, min_discovery_fraction: float) -> int:
     """Calibration spectra per S/N x z stratum so that BH at ``alpha`` can reject a spectrum of any
     stratum once ``min_discovery_fraction`` of all spectra are anomalies: a conformal p-value is at
@@ -159,35 +165,34 @@ def fit_detector(
     alpha: float = DEFAULT_ALPHA,
     min_discovery_fraction: float = 0.01,
 ) -> tuple[AnomalyEnsemble, ConformalCalibrator]:
-    """Fit the ensemble on train-split latents and calibrate on the calibration split; save both.
+    """Fit the ensemble on train-split latents (tail probabilities against the reference split,
+    which the VAE did not train on) and calibrate on the calibration split; save both.
 
     Only the latents, residual statistics, S/N and Z of each partition are held, and the training
     sample is capped at ``max_train`` spectra. Strata hold ``stratum_size(alpha,
     min_discovery_fraction)`` calibration spectra (one stratum when there are fewer).
     """
     frames = [partition_inputs(layout, k) for k in keys]
-    train = _stack(frames, "train")
-    calib = _stack(frames, "calibration")
+    train, reference, calib = (_stack(frames, split) for split in SPLITS[:3])
     frames.clear()
     train = train[np.isfinite(train["RECON_RCHI2"])]
+    reference = reference[np.isfinite(reference["RECON_RCHI2"])]
     if len(train) > max_train:
         train = train.sample(max_train, random_state=seed)
-    if train.empty or calib.empty:
+    if len(reference) > max_train:
+        reference = reference.sample(max_train, random_state=seed)
+    if train.empty or reference.empty or calib.empty:
         raise DesiAnomalyError(
-            f"{len(train)} training and {len(calib)} calibration spectra: need both to be non-empty"
+            f"{len(train)} training, {len(reference)} reference and {len(calib)} calibration "
+            "spectra: need all three to be non-empty"
         )
     ensemble = AnomalyEnsemble().fit(
-        np.stack(train["LATENT"].to_numpy()),
-        stats_matrix(train),
-        train["SNR_MEDIAN"].to_numpy(),
+        *_detector_inputs(train),
         seed=seed,
+        reference=_detector_inputs(reference),
     )
     calib = calib[np.isfinite(calib["RECON_RCHI2"])]
-    cal_scores = ensemble.score(
-        np.stack(calib["LATENT"].to_numpy()),
-        stats_matrix(calib),
-        calib["SNR_MEDIAN"].to_numpy(),
-    )["ANOMALY_SCORE"].to_numpy()
+    cal_scores = ensemble.score(*_detector_inputs(calib))["ANOMALY_SCORE"].to_numpy()
     calibrator = ConformalCalibrator().fit(
         cal_scores,
         calib["SNR_MEDIAN"].to_numpy(),

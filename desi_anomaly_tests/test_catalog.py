@@ -52,6 +52,7 @@ def make_scores(n_per_key: int = 300, seed: int = 0) -> pd.DataFrame:
                 "RECON_RCHI2": rng.uniform(0.8, 3.0, n),
                 "RESID_DIP": rng.uniform(2.0, 30.0, n),
                 "RESID_PEAK": rng.uniform(2.0, 30.0, n),
+                "FOREST_DIP": rng.uniform(0.0, 10.0, n),
             }
         )
         for col in FEATURE_COLUMNS[:-1]:

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from desi_anomaly.errors import DesiAnomalyError
 from desi_anomaly.ml.detectors import (
     SCORE_COLUMNS,
+    STAT_COLUMNS,
     AnomalyEnsemble,
     AnomalyInputError,
     EnsembleConfig,
@@ -21,6 +22,7 @@ from desi_anomaly.ml.detectors import (
     SyntheticLatents,
     synthetic_latents,
 )
+from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
 
 SMALL = EnsembleConfig(iforest_estimators=50, knn_reference_size=2000, chunk_size=700)
 
@@ -60,10 +62,30 @@ def test_planted_anomalies_rank_high(scored, test_set):
 
 def test_tail_probabilities_are_rank_normalised(scored, test_set):
     normal = scored[~test_set.is_anomaly]
-    for col in [c for c in SCORE_COLUMNS if c.startswith("TAILP_")]:
+    for col in [c for c in SCORE_COLUMNS if c.startswith("TAILP_") and c != "TAILP_FOREST"]:
         # a normal spectrum's tail probability is ~uniform: mean 1/2, 10% of them below 0.1
         assert normal[col].mean() == pytest.approx(0.5, abs=0.04), col
         assert (normal[col] < 0.1).mean() == pytest.approx(0.1, abs=0.03), col
+    # FOREST_DIP is 0 (no forest pixels) for 60% of the spectra: they tie at the bottom and get
+    # tail probabilities above 1/2 (no evidence); the others share the lower 40% uniformly
+    forest = test_set.stats[~test_set.is_anomaly, STAT_COLUMNS.index("FOREST_DIP")] > 0
+    tailp = normal["TAILP_FOREST"].to_numpy()
+    assert tailp[~forest].min() > 0.5
+    assert (tailp < 0.1).mean() == pytest.approx(0.1, abs=0.03)
+
+
+def test_a_separate_reference_sets_the_tail_probabilities(train, test_set):
+    """Reference spectra with twice the residual misfit: the same spectra look less anomalous."""
+    fit, ref = inputs(train, slice(0, 3000)), inputs(train, slice(3000, None))
+    base = AnomalyEnsemble(SMALL).fit(*fit, seed=0, reference=ref)
+    inflated = (ref[0], ref[1].copy(), ref[2])
+    inflated[1][:, : len(RESIDUAL_COLUMNS)] *= 2.0
+    looser = AnomalyEnsemble(SMALL).fit(*fit, seed=0, reference=inflated)
+    assert looser.info["n_reference"] == len(ref[0]) and looser.info["n_fit"] == 3000
+    normal = ~test_set.is_anomaly
+    a = base.score(*inputs(test_set))["TAILP_RECON"].to_numpy()[normal]
+    b = looser.score(*inputs(test_set))["TAILP_RECON"].to_numpy()[normal]
+    assert np.median(b) > np.median(a) + 0.3
 
 
 def test_score_of_normal_spectra_does_not_track_snr(scored, test_set):
@@ -131,7 +153,9 @@ def test_load_rejects_other_latent_dimension_and_other_files(ensemble, tmp_path)
 def test_wrong_latent_dimension_and_unfitted_use_are_errors(ensemble, test_set):
     with pytest.raises(AnomalyInputError, match="fitted on 128-d latents, got 64-d"):
         ensemble.score(test_set.latents[:10, :64], test_set.stats[:10], test_set.snr[:10])
-    with pytest.raises(AnomalyInputError, match=r"stats must have shape \(10, 8\)"):
+    with pytest.raises(
+        AnomalyInputError, match=rf"stats must have shape \(10, {len(STAT_COLUMNS)}\)"
+    ):
         ensemble.score(test_set.latents[:10], test_set.stats[:9], test_set.snr[:10])
     with pytest.raises(AnomalyInputError, match=r"snr must have shape \(10,\)"):
         ensemble.score(test_set.latents[:10], test_set.stats[:10], test_set.snr[:9])
@@ -153,8 +177,12 @@ def test_non_finite_rows_are_counted_in_the_error(ensemble, train):
 
 
 def test_too_few_training_rows_is_an_error(train):
-    with pytest.raises(AnomalyInputError, match=r"8 held out .* \(needs >= 50\)"):
+    with pytest.raises(AnomalyInputError, match=r"8 reference rows .* \(needs >= 50\)"):
         AnomalyEnsemble(SMALL).fit(*inputs(train, slice(0, 40)), seed=0)
+    with pytest.raises(AnomalyInputError, match=r"30 reference rows .* \(needs >= 50\)"):
+        AnomalyEnsemble(SMALL).fit(
+            *inputs(train, slice(0, 1000)), seed=0, reference=inputs(train, slice(1000, 1030))
+        )
     knn_bound = EnsembleConfig(reference_fraction=0.9)
     with pytest.raises(AnomalyInputError, match=r"KNN with n_neighbors=10 needs >= 11"):
         AnomalyEnsemble(knn_bound).fit(*inputs(train, slice(0, 70)), seed=0)

@@ -152,6 +152,15 @@ def test_training_lowers_validation_loss_and_beats_the_mean_spectrum(trained, sh
     assert np.median(rchi2) < 0.5 * np.median(base)
 
 
+def test_checkpoint_holds_the_extra_variance_measured_after_training(trained):
+    vae = load_checkpoint(trained)
+    forest = vae.model.forest_pixels(RestFrameGrid.from_dict(vae.grid).centres)
+    extra = vae.model.extra_var.numpy()
+    # the synthetic spectra have no Lyman-alpha forest: the measured variance replaces the prior
+    assert forest.any() and np.median(extra[forest]) < 0.5 * TINY.forest_var
+    assert np.all(extra >= 0) and np.median(extra[~forest]) < 0.01
+
+
 def test_checkpoint_holds_everything_needed_to_resume_and_encode(trained, shards):
     saved = torch.load(trained, weights_only=True)
     for key in ("model_state", "best_model_state", "optimizer_state", "rng", "history"):

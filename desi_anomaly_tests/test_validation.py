@@ -210,8 +210,11 @@ def detectors(tmp_path_factory):
     train.meta.insert(1, "PARTITION", "main-dark-1")
     shard = write_cleaned_shard(root / "main-dark-1.parquet", train, "main-dark-1", {})
     vae = load_checkpoint(train_vae([shard], root / "vae", TINY))
+    reference = preprocess(spectra(150, seed=9), CONFIG)
     calibration = preprocess(spectra(200, seed=8), CONFIG)
-    return fit_detectors(vae, train, calibration, seed=0, pca_components=6, min_per_stratum=50)
+    return fit_detectors(
+        vae, train, reference, calibration, seed=0, pca_components=6, min_per_stratum=50
+    )
 
 
 def test_injection_recovery_chain_scores_labels_and_qvalues(detectors):

@@ -6,10 +6,11 @@ the latent posterior mean followed by the eigenspectrum coefficients), RECON_CHI
 the reconstruction from the posterior mean and the solved coefficients over the pixels with data,
 with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
 pixels with finite flux and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD
-is 0), RESID_DIP and RESID_PEAK (float64, the strongest absorption and emission feature missed by
-the reconstruction, ``desi_anomaly.ml.residuals``). Key-value metadata ``desi_anomaly`` (JSON):
-schema name and version, code version, partition, checkpoint path and sha256, grid, latent_dim
-(the code length).
+is 0), RESID_DIP, RESID_PEAK and FOREST_DIP (float64, the strongest absorption outside the
+Lyman-alpha forest, emission feature anywhere and absorption inside the forest missed by the
+reconstruction, ``desi_anomaly.ml.residuals``; 0 where a region has no data). Key-value
+metadata ``desi_anomaly`` (JSON): schema name and version, code version, partition, checkpoint
+path and sha256, grid, latent_dim (the code length).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .residuals import local_extremes, window_widths
 from .training import CheckpointError, TrainedVAE, same_grid
 from .vae import chi2, clean_inputs
 
-LATENTS_SCHEMA_VERSION = 2
+LATENTS_SCHEMA_VERSION = 3
 ENCODE_BATCH = 128  # spectra per forward pass: the linear solve holds batch x npix x linear_dim
 _META_KEY = b"desi_anomaly"
 
@@ -49,7 +50,7 @@ class Reconstructions:
     targetid: np.ndarray  # (n,) int64
     wave: np.ndarray  # (npix,) rest-frame pixel centres, Angstrom
     flux: np.ndarray  # (n, npix) float32, 0 where there is no data
-    ivar: np.ndarray  # (n, npix) float32 effective ivar (forest variance included), 0: no data
+    ivar: np.ndarray  # (n, npix) float32 effective ivar (extra variance included), 0: no data
     model: np.ndarray  # (n, npix) float32 reconstruction (from the posterior mean) on the grid
 
     @property
@@ -98,9 +99,10 @@ class _Batch:
     model: np.ndarray  # (n, npix) reconstruction
     chi2: np.ndarray  # (n,) with the effective ivar
     n_good: np.ndarray  # (n,) pixels with data
-    ivar: np.ndarray  # (n, npix) effective ivar (forest variance included)
+    ivar: np.ndarray  # (n, npix) effective ivar (extra variance included)
     dip: np.ndarray  # (n,) RESID_DIP
     peak: np.ndarray  # (n,) RESID_PEAK
+    forest_dip: np.ndarray  # (n,) FOREST_DIP
 
 
 def _batched_forward(
@@ -109,26 +111,27 @@ def _batched_forward(
     """Encode and reconstruct ``batch_size`` spectra at a time."""
     device = next(vae.model.parameters()).device
     widths = window_widths(RestFrameGrid.from_dict(vae.grid).velocity_per_pixel)
-    with torch.no_grad():
-        for start in range(0, len(flux), batch_size):
-            f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
-            f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
-            good = (iv_t > 0).to(f_t.dtype)
-            mu, _ = vae.model.encode(f_t, good)
-            f_d, iv_d = f_t.double(), iv_t.double()  # float64: same codes on any thread count
-            recon, coef = vae.model.reconstruct(f_d, iv_d, mu)
-            iv_eff = vae.model.effective_ivar(iv_d, recon)
-            pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
-            dip, peak = local_extremes(pull, iv > 0, widths)
-            yield _Batch(
-                torch.cat([mu.double(), coef], dim=1).float().cpu().numpy(),
-                recon.float().cpu().numpy(),
-                chi2(f_d, iv_eff, recon).cpu().numpy(),
-                good.sum(dim=1).cpu().numpy().astype(np.int32),
-                iv_eff.float().cpu().numpy(),
-                dip,
-                peak,
-            )
+    forest = vae.model.forest_pixels(RestFrameGrid.from_dict(vae.grid).centres)
+    for start in range(0, len(flux), batch_size):
+        f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
+        f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
+        recon, mu, coef = vae.model.fit_spectra(f_t, iv_t)
+        f_d = f_t.double()
+        iv_eff = vae.model.effective_ivar(iv_t.double(), recon)
+        pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
+        good = iv > 0
+        dip, peak = local_extremes(pull, good & ~forest, widths)
+        forest_dip, forest_peak = local_extremes(pull, good & forest, widths)
+        yield _Batch(
+            torch.cat([mu.double(), coef], dim=1).float().cpu().numpy(),
+            recon.float().cpu().numpy(),
+            chi2(f_d, iv_eff, recon).cpu().numpy(),
+            good.sum(axis=1).astype(np.int32),
+            iv_eff.float().cpu().numpy(),
+            dip,
+            np.maximum(peak, forest_peak),
+            forest_dip,
+        )
 
 
 def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATCH) -> pa.Table:
@@ -140,13 +143,13 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATC
     _check_shard(vae, shard)
     n, dim = len(shard), vae.config.code_dim
     latent = np.empty((n, dim), dtype=np.float32)
-    recon_chi2, dip, peak = np.empty(n), np.empty(n), np.empty(n)
+    recon_chi2, dip, peak, forest_dip = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     n_good = np.empty(n, dtype=np.int32)
     start = 0
     for b in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
         sel = slice(start, start + len(b.code))
         latent[sel], recon_chi2[sel], n_good[sel] = b.code, b.chi2, b.n_good
-        dip[sel], peak[sel] = b.dip, b.peak
+        dip[sel], peak[sel], forest_dip[sel] = b.dip, b.peak, b.forest_dip
         start += len(b.code)
     with np.errstate(invalid="ignore", divide="ignore"):
         rchi2 = np.where(n_good > 0, recon_chi2 / n_good, np.nan)
@@ -159,6 +162,7 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATC
         "RECON_RCHI2": pa.array(rchi2),
         "RESID_DIP": pa.array(np.where(n_good > 0, dip, np.nan)),
         "RESID_PEAK": pa.array(np.where(n_good > 0, peak, np.nan)),
+        "FOREST_DIP": pa.array(np.where(n_good > 0, forest_dip, np.nan)),
         "N_GOOD": pa.array(n_good),
     }
     return pa.table(columns)

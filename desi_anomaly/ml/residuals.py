@@ -6,15 +6,18 @@ spike) over thousands of pixels. The scan statistic here is the matched filter f
 feature: for every window of ``w`` consecutive pixels the summed normalised residual
 ``sum((flux - model) sqrt(ivar)) / sqrt(n_good)`` (standard normal for a correct model and noise),
 maximised over positions and over widths of about 1,000, 3,000 and 10,000 km/s plus single pixels.
-``RESID_DIP`` is the most negative window sum (sign flipped: absorption), ``RESID_PEAK`` the most
-positive one (emission, spikes, flux steps).
+``RESID_DIP`` is the most negative window sum (sign flipped: absorption) outside the
+Lyman-alpha forest, ``FOREST_DIP`` the same inside it (damped Lyman-alpha and Lyman-limit systems:
+the forest's own fluctuations make its null distribution different from that of the red side, so
+the two are scored separately), ``RESID_PEAK`` the most positive one anywhere (emission, spikes,
+flux steps).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-RESIDUAL_COLUMNS = ("RECON_RCHI2", "RESID_DIP", "RESID_PEAK")
+RESIDUAL_COLUMNS = ("RECON_RCHI2", "RESID_DIP", "RESID_PEAK", "FOREST_DIP")
 WINDOW_KMS = (0.0, 1_000.0, 3_000.0, 10_000.0)
 
 

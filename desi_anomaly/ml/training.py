@@ -3,7 +3,9 @@
 The checkpoint (``{out_dir}/vae_checkpoint.pt``, rewritten atomically after every epoch) holds
 everything needed to resume bit-for-bit on CPU and to encode later: current and best weights,
 optimizer state, config, rest-frame grid, training history, early-stopping state, RNG states and
-a fingerprint of the training shards.
+a fingerprint of the training shards. When training finishes, the best model's per-pixel extra
+variance is measured on (a sample of) the training spectra (``desi_anomaly.ml.noise``) and
+stored with its weights.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import read_shard, read_shard_info
 from desi_anomaly.splits import assign_split
 
+from .noise import excess_variance
 from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_loss
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
+NOISE_ROWS = 4000  # training spectra on which the extra variance is measured
+NOISE_SMOOTH_KMS = 5_000.0  # pixels pooled by the extra-variance estimate
 
 
 class CheckpointError(DesiAnomalyError):
@@ -227,10 +232,45 @@ def train_vae(
             "seconds": time.perf_counter() - start,
         }
         state["history"] = [*state["history"], record]
+        if state["finished"]:
+            best = state["best_model_state"]
+            best["extra_var"] = measure_extra_var(
+                config, best, flux[train_idx[:NOISE_ROWS]], ivar[train_idx[:NOISE_ROWS]], grid
+            )
         _write_checkpoint(path, model, optimizer, config, grid, fingerprint, state, rng, noise)
         if progress is not None:
             progress(record)
     return path
+
+
+def measure_extra_var(
+    config: VAEConfig,
+    weights: dict[str, torch.Tensor],
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    grid: dict[str, Any],
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """(npix,) extra variance of the model with ``weights`` measured on cleaned spectra
+    (``noise.excess_variance``; forest and red side pooled separately)."""
+    model = SpectrumVAE(config)
+    model.load_state_dict(weights)
+    model.eval()
+    recon = np.concatenate(
+        [
+            model.fit_spectra(torch.from_numpy(flux[i : i + batch_size]),
+                              torch.from_numpy(ivar[i : i + batch_size]))[0].numpy()
+            for i in range(0, len(flux), batch_size)
+        ]
+    )  # fmt: skip
+    rest = RestFrameGrid.from_dict(grid)
+    extra = excess_variance(
+        flux, ivar, recon,
+        regions=model.forest_pixels(rest.centres),
+        smooth_pixels=round(NOISE_SMOOTH_KMS / rest.velocity_per_pixel),
+        prior=model.extra_var.numpy(),
+    )  # fmt: skip
+    return torch.from_numpy(extra.astype(np.float32))
 
 
 def learning_rate(config: VAEConfig, epoch: int) -> float:

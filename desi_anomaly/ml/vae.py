@@ -46,9 +46,10 @@ class VAEConfig:
     ``line_weight``: factor on the chi2 weight of pixels within ``line_half_width_kms`` of
     ``EMISSION_LINES`` (1 = no up-weighting). ``forest_var``: variance of the Lyman-alpha forest
     transmission fluctuations, as a fraction of the squared model flux, added to the noise of
-    pixels blueward of ``forest_max_wave`` (rest A; Lyman-alpha, where the forest ends): the forest
-    is stochastic intergalactic absorption that no model of the quasar reproduces (DESI's Lya
-    analyses call it var_lss).
+    pixels blueward of ``forest_max_wave`` (rest A; Lyman-alpha, where the forest ends) during
+    training: the forest is stochastic intergalactic absorption that no model of the quasar
+    reproduces (DESI's Lya analyses call it var_lss). After training, the extra variance of every
+    pixel is measured on the training spectra (``desi_anomaly.ml.noise``) and replaces this prior.
     ``lr`` decays along a cosine to ``lr * lr_final_fraction`` at ``epochs``.
     ``batch_size``: on CPU the cost per spectrum of a training step falls steeply with the batch
     size up to about 64. ``patience``: epochs without a better validation loss before early
@@ -141,14 +142,21 @@ class SpectrumVAE(nn.Module):
         self.eigen = nn.Parameter(torch.zeros(config.npix, config.linear_dim))
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
-        # Per-pixel extra variance as a fraction of model^2 (the forest term); set from the grid.
+        # Per-pixel extra variance as a fraction of model^2: the forest prior for training
+        # (``set_grid``), then the variance measured after training (``set_extra_var``).
         self.register_buffer("extra_var", torch.zeros(config.npix))
 
     def set_grid(self, wave: np.ndarray) -> None:
         """Fill the per-pixel extra variance for rest-frame pixel centres ``wave`` (Angstrom)."""
-        forest = np.asarray(wave) < self.config.forest_max_wave
-        extra = np.where(forest, self.config.forest_var, 0.0).astype(np.float32)
-        self.extra_var.copy_(torch.from_numpy(extra))
+        self.set_extra_var(np.where(self.forest_pixels(wave), self.config.forest_var, 0.0))
+
+    def forest_pixels(self, wave: np.ndarray) -> np.ndarray:
+        """(npix,) bool: pixel centres ``wave`` (rest A) inside the Lyman-alpha forest."""
+        return np.asarray(wave) < self.config.forest_max_wave
+
+    def set_extra_var(self, extra: np.ndarray) -> None:
+        """Set the per-pixel extra variance (fraction of model^2), shape (npix,)."""
+        self.extra_var.copy_(torch.from_numpy(np.asarray(extra, dtype=np.float32)))
 
     def effective_ivar(self, ivar: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
         """``ivar`` with the extra variance ``extra_var * model^2`` added (model not differentiated:
@@ -191,6 +199,17 @@ class SpectrumVAE(nn.Module):
             return base, base.new_zeros((len(base), 0))
         coef = self.linear_coefficients(flux, ivar, base)
         return base + coef @ self.eigen.to(flux.dtype).T, coef
+
+    @torch.no_grad()
+    def fit_spectra(
+        self, flux: torch.Tensor, ivar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction (float64, from the posterior mean), posterior mean and coefficients of
+        cleaned float32 ``flux``/``ivar``; the linear solve runs in float64 so the result does
+        not depend on the thread count."""
+        mu, _ = self.encode(flux, (ivar > 0).to(flux.dtype))
+        recon, coef = self.reconstruct(flux.double(), ivar.double(), mu)
+        return recon, mu, coef
 
     def forward(
         self, flux: torch.Tensor, ivar: torch.Tensor, generator: torch.Generator | None = None

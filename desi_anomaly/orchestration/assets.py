@@ -261,7 +261,7 @@ def cleaned_spectra(
     kinds={"pytorch", "ray"},
     pool="ray",
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     description=(
         "The spectral VAE trained (through Ray) on the train split of every cleaned shard: "
         "model/vae_checkpoint.pt. Data version: the checkpoint's SHA-256, so a new checkpoint "
@@ -320,7 +320,7 @@ def vae_checkpoint(
     kinds={"parquet", "ray"},
     pool="ray",
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     backfill_policy=backfill_policy,
     check_specs=LATENTS_CHECKS,
     description=(
@@ -366,11 +366,12 @@ def _detector_version(layout) -> str:
     group_name="model",
     kinds={"scikitlearn"},
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     description=(
         "Detector ensemble fitted on the train-split latents of every partition encoded with the "
-        "current checkpoint, and the conformal calibrator (S/N x z strata) fitted on the "
-        "calibration split. Data version: SHA-256 of both files."
+        "current checkpoint (tail probabilities against the reference split), and the conformal "
+        "calibrator (S/N x z strata) fitted on the calibration split. Data version: SHA-256 of "
+        "both files."
     ),
 )
 def anomaly_detector(
@@ -431,7 +432,7 @@ def load_detector(layout):
     group_name="discovery",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     backfill_policy=backfill_policy,
     check_specs=SCORES_CHECKS,
     description=(
@@ -465,7 +466,7 @@ def anomaly_scores(context: dg.AssetExecutionContext, storage: StorageResource):
     group_name="discovery",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     description=(
         "Benjamini-Hochberg q-values over every scored spectrum; the significant anomalies "
         "(q < alpha) embedded with UMAP, clustered with HDBSCAN and named by rule (BAL-like, red "
@@ -524,7 +525,7 @@ def catalog_preview(catalog, n: int = 10) -> str:
     group_name="discovery",
     kinds={"parquet", "duckdb"},
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     check_specs=CATALOG_CHECKS,
     description=(
         "The ranked anomaly catalog (TARGETID, healpix key, RA, DEC, Z, score, p, q, type, "
@@ -591,11 +592,11 @@ def anomaly_catalog(
     group_name="validation",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(1),
+    code_version=_code_version(2),
     description=(
         "Injection-recovery: synthetic anomalies of every class injected into observed test-split "
-        "spectra of the partitions (the detectors fitted on their train split, calibrated on "
-        "their calibration split): AUROC and recall at q < alpha per class, S/N and z, for the "
+        "spectra of the partitions (the detectors fitted on their train and reference splits, "
+        "calibrated on their calibration split): AUROC and recall at q < alpha per class, S/N and z, for the "
         "ensemble and the PCA baseline, and the realised false-positive rate on null spectra."
     ),
 )
@@ -630,7 +631,7 @@ def injection_recovery(
     keys = keys[: settings.injection_max_partitions]
     vae = load_checkpoint(layout.checkpoint)
     config = PreprocessConfig(grid=RestFrameGrid.from_dict(vae.grid))
-    train, calib, test = [], [], []
+    train, reference, calib, test = [], [], [], []
     for key in keys:
         files = partition_files(data_root.path, key)
         if files is None:
@@ -640,10 +641,13 @@ def injection_recovery(
             spectra = read_qso_spectra(files.coadd, files.redrock)
         split = assign_split(spectra.targetid)
         train.append(preprocess(take(spectra, split == "train"), config))
+        reference.append(preprocess(take(spectra, split == "reference"), config))
         calib.append(preprocess(take(spectra, split == "calibration"), config))
         test.append(take(spectra, split == "test"))
     try:
-        det = fit_detectors(vae, concat_cleaned(train), concat_cleaned(calib))
+        det = fit_detectors(
+            vae, concat_cleaned(train), concat_cleaned(reference), concat_cleaned(calib)
+        )
         rng = np.random.default_rng(settings.injection_seed)
         scored = inject_and_score(
             det, concat_observed(test), list(ANOMALY_KINDS), rng, config=config

@@ -1,7 +1,8 @@
 """Injection-recovery: fit the detectors on normal spectra, inject anomalies, re-score, calibrate.
 
 1. ``fit_detectors``: the VAE latents and residual statistics of normal *train* spectra fit the
-   ``AnomalyEnsemble`` and the ``PCABaseline``; both are calibrated with a
+   ``AnomalyEnsemble`` (tail probabilities against normal *reference* spectra the VAE did not
+   train on) and the ``PCABaseline``; both are calibrated with a
    ``ConformalCalibrator`` (S/N x z strata, ``discovery.SNR_EDGES``/``Z_EDGES``) on normal
    *calibration* spectra (never used for fitting).
 2. ``inject_and_score``: for a batch of observed normal *test* spectra, the originals and one
@@ -110,17 +111,18 @@ def encode(vae: TrainedVAE, cleaned: CleanedSpectra) -> tuple[np.ndarray, np.nda
 def fit_detectors(
     vae: TrainedVAE,
     train: CleanedSpectra,
+    reference: CleanedSpectra,
     calibration: CleanedSpectra,
     *,
     seed: int = 0,
     pca_components: int = 10,
     min_per_stratum: int = 200,
 ) -> Detectors:
-    """Fit the ensemble and the PCA baseline on ``train`` and calibrate both on ``calibration``."""
-    latents, resid = encode(vae, train)
-    ok = np.isfinite(resid[:, 0])
-    snr = train.meta["SNR_MEDIAN"].to_numpy()[ok]
-    ensemble = AnomalyEnsemble().fit(latents[ok], resid[ok], snr, seed=seed)
+    """Fit the ensemble (tail probabilities against ``reference``) and the PCA baseline on
+    ``train`` and calibrate both on ``calibration``."""
+    ensemble = AnomalyEnsemble().fit(
+        *_ensemble_inputs(vae, train), seed=seed, reference=_ensemble_inputs(vae, reference)
+    )
     pca = PCABaseline(pca_components, seed=seed).fit(train.flux, train.ivar)
 
     latents, resid = encode(vae, calibration)
@@ -137,6 +139,15 @@ def fit_detectors(
         pca_scores, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=minimum
     )
     return Detectors(vae, ensemble, calibrator, pca, pca_calibrator)
+
+
+def _ensemble_inputs(
+    vae: TrainedVAE, cleaned: CleanedSpectra
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latents, stats, S/N) of the cleaned spectra that have good pixels."""
+    latents, stats = encode(vae, cleaned)
+    ok = np.isfinite(stats[:, 0])
+    return latents[ok], stats[ok], cleaned.meta["SNR_MEDIAN"].to_numpy()[ok]
 
 
 def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
