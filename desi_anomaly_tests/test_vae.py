@@ -217,6 +217,19 @@ def test_unreadable_checkpoint_is_refused_naming_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_checkpoint_of_an_older_format_is_retrained_not_resumed(trained, shards, tmp_path):
+    old = torch.load(trained, weights_only=True)
+    old["format_version"] -= 1
+    path = tmp_path / "vae" / trained.name
+    path.parent.mkdir()
+    torch.save(old, path)
+    with pytest.raises(CheckpointError, match=r"format version .* retrain"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match=r"older version .* training anew"):
+        train_vae(shards[:2], path.parent, TINY)
+    assert load_checkpoint(path).history[-1]["epoch"] == len(load_checkpoint(path).history)
+
+
 def test_encoding_writes_latents_with_provenance_and_skips_done_partitions(
     trained, shards, tmp_path
 ):

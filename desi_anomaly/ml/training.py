@@ -187,7 +187,14 @@ def train_vae(
         "history": [],
         "best_model_state": None,
     }
-    if resume and path.exists():
+    stale = _stale_format(path) if resume and path.exists() else None
+    if stale is not None:
+        warnings.warn(
+            f"{path}: checkpoint written by an older version (format {stale}, now "
+            f"{CHECKPOINT_VERSION}); training anew",
+            stacklevel=2,
+        )
+    elif resume and path.exists():
         saved = _read_checkpoint(path)
         _check_resumable(path, saved, config, grid, fingerprint)
         if saved["finished"]:
@@ -359,6 +366,19 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             f"supported version {CHECKPOINT_VERSION}; retrain the VAE"
         )
     return saved
+
+
+def _stale_format(path: Path) -> int | None:
+    """The format version of a desi-anomaly checkpoint older than this code's, else None."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: _read_checkpoint reports it
+        return None
+    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+        version = saved.get("format_version")
+        if isinstance(version, int) and version < CHECKPOINT_VERSION:
+            return version
+    return None
 
 
 def _check_resumable(path, saved, config, grid, fingerprint) -> None:

@@ -596,8 +596,9 @@ def anomaly_catalog(
     description=(
         "Injection-recovery: synthetic anomalies of every class injected into observed test-split "
         "spectra of the partitions (the detectors fitted on their train and reference splits, "
-        "calibrated on their calibration split): AUROC and recall at q < alpha per class, S/N and z, for the "
-        "ensemble and the PCA baseline, and the realised false-positive rate on null spectra."
+        "calibrated on their calibration split): AUROC and recall at q < alpha per class, S/N "
+        "and z, for the ensemble and the PCA baseline, and the realised false-positive rate on "
+        "null spectra."
     ),
 )
 def injection_recovery(
