@@ -4,8 +4,8 @@ The checkpoint (``{out_dir}/vae_checkpoint.pt``, rewritten atomically after ever
 everything needed to resume bit-for-bit on CPU and to encode later: current and best weights,
 optimizer state, config, rest-frame grid, training history, early-stopping state, RNG states and
 a fingerprint of the training shards. When training finishes, the best model's per-pixel extra
-variance is measured on (a sample of) the training spectra (``desi_anomaly.ml.noise``) and
-stored with its weights.
+variance is measured on (up to ``NOISE_ROWS`` of) the validation spectra, which it did not train
+on (``desi_anomaly.ml.noise``), and stored with its weights.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
 CHECKPOINT_VERSION = 4
 PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
-NOISE_ROWS = 4000  # training spectra on which the extra variance is measured
+NOISE_ROWS = 4000  # validation spectra on which the extra variance is measured
 NOISE_SMOOTH_KMS = 5_000.0  # pixels pooled by the extra-variance estimate
 
 
@@ -241,9 +241,8 @@ def train_vae(
         state["history"] = [*state["history"], record]
         if state["finished"]:
             best = state["best_model_state"]
-            best["extra_var"] = measure_extra_var(
-                config, best, flux[train_idx[:NOISE_ROWS]], ivar[train_idx[:NOISE_ROWS]], grid
-            )
+            held = order[: min(n_val, NOISE_ROWS)]  # validation: it fits its own spectra too well
+            best["extra_var"] = measure_extra_var(config, best, flux[held], ivar[held], grid)
         _write_checkpoint(path, model, optimizer, config, grid, fingerprint, state, rng, noise)
         if progress is not None:
             progress(record)

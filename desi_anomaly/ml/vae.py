@@ -49,7 +49,8 @@ class VAEConfig:
     pixels blueward of ``forest_max_wave`` (rest A; Lyman-alpha, where the forest ends) during
     training: the forest is stochastic intergalactic absorption that no model of the quasar
     reproduces (DESI's Lya analyses call it var_lss). After training, the extra variance of every
-    pixel is measured on the training spectra (``desi_anomaly.ml.noise``) and replaces this prior.
+    pixel is measured on the validation spectra (``desi_anomaly.ml.noise``) and replaces this
+    prior.
     ``lr`` decays along a cosine to ``lr * lr_final_fraction`` at ``epochs``.
     ``batch_size``: on CPU the cost per spectrum of a training step falls steeply with the batch
     size up to about 64. ``patience``: epochs without a better validation loss before early
