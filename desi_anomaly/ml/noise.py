@@ -9,8 +9,8 @@ is estimated per pixel by weighted least squares with weights ``m^2 / (s2 + v m^
 since the weights depend on ``v``), pooling a box of neighbouring pixels of one region (forest or
 red side) and clipped at 0. The forest's variance depends on the pixel width: measuring it on the
 grid in use replaces the training prior ``VAEConfig.forest_var``. Measure it on spectra the model
-did not train on: on the 4000-pixel grid a trained VAE leaves less than half the forest variance
-of new spectra in the residuals of its own training spectra.
+did not train on: a trained VAE partly fits the forest of its own training spectra, so their
+residuals understate the forest variance of new spectra.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_lo
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 4
+CHECKPOINT_VERSION = 5
 PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
 NOISE_ROWS = 4000  # validation spectra on which the extra variance is measured
 NOISE_SMOOTH_KMS = 5_000.0  # pixels pooled by the extra-variance estimate

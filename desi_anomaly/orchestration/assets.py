@@ -261,7 +261,7 @@ def cleaned_spectra(
     kinds={"pytorch", "ray"},
     pool="ray",
     owners=OWNERS,
-    code_version=_code_version(2),
+    code_version=_code_version(3),
     description=(
         "The spectral VAE trained (through Ray) on the train split of every cleaned shard: "
         "model/vae_checkpoint.pt. Data version: the checkpoint's SHA-256, so a new checkpoint "
