@@ -285,7 +285,7 @@ def main() -> None:
                 f"{rec_p:.3f}; at p <= {ALPHA / 5:g} (what BH at {ALPHA} needs when a fifth of "
                 f"the catalogue is discovered): {rec_p5:.3f}"
             )
-    how = "from scratch" if fresh else "mock drop and VAE checkpoint reused from --data"
+    how = "mock drop generated" if fresh else "mock drop reused from --data"
     drop_line = ", ".join(f"{k} {v}" for k, v in scored.n_dropped.items())
     test_share = 1 - TRAIN - REFERENCE - CALIBRATION
     doc = f"""# Injection-recovery
