@@ -102,8 +102,8 @@ def main() -> None:
     torch.set_num_threads(1)
     normal = normal_targetids(args.data)
     tables, n_encoded, encode_seconds = [], 0, 0.0
-    for path in held_shards:
-        shard = read_shard(path)
+    held_data = [read_shard(path) for path in held_shards]
+    for shard in held_data:
         start = time.perf_counter()
         tables.append(encode_shard(vae, shard).to_pandas())
         encode_seconds += time.perf_counter() - start
@@ -115,9 +115,9 @@ def main() -> None:
     wave = RestFrameGrid.from_dict(vae.grid).centres
     forest = vae.model.forest_pixels(wave)
     measured = vae.model.extra_var.numpy().copy()
-    covered = sum((read_shard(p).ivar > 0).sum(axis=0) for p in held_shards) >= 50
+    covered = sum((shard.ivar > 0).sum(axis=0) for shard in held_data) >= 50
     vae.model.set_grid(wave)
-    prior = pd.concat([encode_shard(vae, read_shard(p)).to_pandas() for p in held_shards])
+    prior = pd.concat([encode_shard(vae, shard).to_pandas() for shard in held_data])
     rchi2_prior = prior.loc[prior["TARGETID"].isin(normal), "RECON_RCHI2"].to_numpy()
     figures = {
         "machine": machine(),

@@ -19,8 +19,7 @@ Components (each one a score, larger = more anomalous):
   raw scale. DIP and FOREST are scored on the raw scale, where the box-filter maxima of normal
   spectra, measured with the extra variance of ``desi_anomaly.ml.noise``, have close to
   exponential tails: on a log scale a 20-sigma trough would count little more than a 10-sigma
-  misfit. (In ``benchmarks/injection_recovery.py`` this choice raised the share of S/N > 5 BAL and
-  DLA injections with p < 0.01 from 0.41 and 0.12, all four on a log scale, to 0.60 and 0.56.)
+  misfit.
 - ``LINES``: line weakness, minus the mean over the measured broad lines (``EW_*`` columns of the
   cleaned shards; NaN where a line is not covered) of the standardised log equivalent width
   (median and MAD of the training spectra). The reconstruction fits a weak-line quasar with ease

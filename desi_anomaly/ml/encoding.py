@@ -110,8 +110,9 @@ def _batched_forward(
 ) -> Iterator[_Batch]:
     """Encode and reconstruct ``batch_size`` spectra at a time."""
     device = next(vae.model.parameters()).device
-    widths = window_widths(RestFrameGrid.from_dict(vae.grid).velocity_per_pixel)
-    forest = vae.model.forest_pixels(RestFrameGrid.from_dict(vae.grid).centres)
+    grid = RestFrameGrid.from_dict(vae.grid)
+    widths = window_widths(grid.velocity_per_pixel)
+    forest = vae.model.forest_pixels(grid.centres)
     for start in range(0, len(flux), batch_size):
         f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
         f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)

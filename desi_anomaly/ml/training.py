@@ -187,15 +187,14 @@ def train_vae(
         "history": [],
         "best_model_state": None,
     }
-    stale = _stale_format(path) if resume and path.exists() else None
-    if stale is not None:
+    saved = _read_checkpoint(path, accept_older=True) if resume and path.exists() else None
+    if saved is not None and saved["format_version"] < CHECKPOINT_VERSION:
         warnings.warn(
-            f"{path}: checkpoint written by an older version (format {stale}, now "
-            f"{CHECKPOINT_VERSION}); training anew",
+            f"{path}: checkpoint written by an older version (format {saved['format_version']}, "
+            f"now {CHECKPOINT_VERSION}); training anew",
             stacklevel=2,
         )
-    elif resume and path.exists():
-        saved = _read_checkpoint(path)
+    elif saved is not None:
         _check_resumable(path, saved, config, grid, fingerprint)
         if saved["finished"]:
             return path
@@ -350,7 +349,9 @@ def _write_checkpoint(path, model, optimizer, config, grid, fingerprint, state, 
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def _read_checkpoint(path: Path, *, accept_older: bool = False) -> dict[str, Any]:
+    """The checkpoint's payload; CheckpointError unless it is of this code's format version (or,
+    with ``accept_older``, an older one: the caller retrains)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -359,25 +360,14 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable VAE checkpoint ({exc})") from exc
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a desi-anomaly VAE checkpoint")
-    if saved.get("format_version") != CHECKPOINT_VERSION:
+    version = saved.get("format_version")
+    older = accept_older and isinstance(version, int) and version < CHECKPOINT_VERSION
+    if version != CHECKPOINT_VERSION and not older:
         raise CheckpointError(
-            f"{path}: checkpoint format version {saved.get('format_version')} is not the "
+            f"{path}: checkpoint format version {version} is not the "
             f"supported version {CHECKPOINT_VERSION}; retrain the VAE"
         )
     return saved
-
-
-def _stale_format(path: Path) -> int | None:
-    """The format version of a desi-anomaly checkpoint older than this code's, else None."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable: _read_checkpoint reports it
-        return None
-    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
-        version = saved.get("format_version")
-        if isinstance(version, int) and version < CHECKPOINT_VERSION:
-            return version
-    return None
 
 
 def _check_resumable(path, saved, config, grid, fingerprint) -> None:
