@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from desi_anomaly.ml.noise import excess_variance
+from desi_anomaly.ml.noise import PRIOR_PIXELS, excess_variance
 
 
 def draw(n: int, v_true: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,9 +37,22 @@ def test_recovers_the_extra_variance_of_each_region():
 def test_uncovered_pixels_keep_the_prior():
     npix = 30
     v_true = np.full(npix, 0.02)
-    flux, ivar, model = draw(500, v_true, seed=2)
+    flux, ivar, model = draw(3000, v_true, seed=2)
     ivar[:, :10] = 0.0
     prior = np.full(npix, 0.1)
     v = excess_variance(flux, ivar, model, np.zeros(npix, bool), smooth_pixels=3, prior=prior)
     assert np.all(v[:9] == 0.1)  # no spectrum in their box
     assert v[15:] == pytest.approx(0.02, rel=0.2)
+
+
+def test_sparsely_covered_pixels_shrink_towards_the_prior():
+    # the far blue end: only a few spectra reach it, too few to measure its variance
+    npix = 60
+    flux, ivar, model = draw(3000, np.zeros(npix), seed=3)
+    ivar[5:, :20] = 0.0  # 5 spectra cover the first 20 pixels
+    prior = np.full(npix, 0.1)
+    v = excess_variance(flux, ivar, model, np.zeros(npix, bool), smooth_pixels=3, prior=prior)
+    n_pooled = 5 * 3 * 0.8  # spectra x box x share of pixels with data
+    weight = PRIOR_PIXELS / (PRIOR_PIXELS + n_pooled)
+    assert np.all(v[1:19] == pytest.approx(0.1 * weight, abs=0.01))  # not the measured ~0
+    assert np.all(v[25:] < 0.01)  # well measured: 0

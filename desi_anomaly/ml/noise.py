@@ -10,7 +10,10 @@ since the weights depend on ``v``), pooling a box of neighbouring pixels of one 
 red side) and clipped at 0. The forest's variance depends on the pixel width: measuring it on the
 grid in use replaces the training prior ``VAEConfig.forest_var``. Measure it on spectra the model
 did not train on: a trained VAE partly fits the forest of its own training spectra, so their
-residuals understate the forest variance of new spectra.
+residuals understate the forest variance of new spectra. Where few spectra cover a pixel (the far
+blue end, reached only by the highest redshifts) the estimate is shrunk towards the prior: it
+counts as ``n`` pooled spectrum-pixels against ``PRIOR_PIXELS`` for the prior, so a handful of
+spectra cannot set the variance to 0 (or to 10) there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 ITERATIONS = 8
+PRIOR_PIXELS = 200  # weight of the prior, in pooled spectrum-pixels
 
 
 def excess_variance(
@@ -30,19 +34,23 @@ def excess_variance(
 ) -> np.ndarray:
     """(npix,) extra variance as a fraction of model^2 from spectra (n, npix) and their
     reconstructions; pixels pool ``smooth_pixels`` neighbours with the same ``regions`` label;
-    pixels that no spectrum covers keep ``prior``."""
+    pixels that few or no spectra cover stay near or at ``prior``."""
     good = ivar > 0
     s2 = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0)
     m2 = np.where(good, model.astype(np.float64) ** 2, 0.0)
     e = np.where(good, (flux - model).astype(np.float64) ** 2 - s2, 0.0)
     box = np.ones(max(1, int(smooth_pixels)))
-    v = np.asarray(prior, dtype=np.float64).copy()
+    prior = np.asarray(prior, dtype=np.float64)
+    count = _pool(good.sum(axis=0).astype(np.float64), regions, box)
+    trust = count / (count + PRIOR_PIXELS)
+    v = prior.copy()
     for _ in range(ITERATIONS):
         w = np.where(good, m2 / np.maximum(s2 + v * m2, 1e-30) ** 2, 0.0)
         num = _pool((w * e).sum(axis=0), regions, box)
         den = _pool((w * m2).sum(axis=0), regions, box)
         covered = den > 0
-        v = np.where(covered, np.clip(num / np.where(covered, den, 1.0), 0.0, None), prior)
+        measured = np.clip(num / np.where(covered, den, 1.0), 0.0, None)
+        v = np.where(covered, trust * measured + (1.0 - trust) * prior, prior)
     return v
 
 

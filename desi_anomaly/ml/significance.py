@@ -9,10 +9,13 @@ S/N or redshift.
 
 Strata: S/N and z are binned by ``snr_edges`` and ``z_edges`` (values outside the outer edges join
 the outer bins). Bins with fewer than ``min_per_stratum`` calibration spectra are merged with
-neighbours: first whole z bins, from low z upwards, are grouped until each group holds at least
-``min_per_stratum`` (a short group left at the high end joins the one below it); then, within each
-z group, S/N bins are grouped the same way from low S/N upwards. Every stratum is thus a rectangle
-of adjacent bins holding at least ``min_per_stratum`` calibration spectra.
+neighbours: first whole S/N bins, from low S/N upwards, are grouped until each group holds at
+least ``min_per_stratum`` (a short group left at the high end joins the one below it); then, within
+each S/N group, z bins are grouped the same way from low z upwards. Every stratum is thus a
+rectangle of adjacent bins holding at least ``min_per_stratum`` calibration spectra. S/N comes
+first because the extreme scores of normal spectra depend most on it: the largest come from
+low-S/N spectra (noise spikes, sky residuals, poorly constrained fits), and pooled with them a
+bright spectrum would need to outscore the faint spectra's outliers.
 
 Resolution: p-values are at least ``1 / (n_k + 1)`` in a stratum of n_k calibration spectra, and BH
 over m spectra at level alpha makes R discoveries only if they reach p <= alpha * R / m, so it makes
@@ -104,13 +107,13 @@ class ConformalCalibrator:
         np.add.at(counts, (snr_bin, z_bin), 1)
 
         self.stratum_of = np.empty_like(counts)  # (snr bin, z bin) -> stratum
-        z_groups = _group(counts.sum(axis=0), min_per_stratum)
+        snr_groups = _group(counts.sum(axis=1), min_per_stratum)
         n_strata = 0
-        for g in range(z_groups.max() + 1):
-            cols = z_groups == g
-            snr_groups = _group(counts[:, cols].sum(axis=1), min_per_stratum)
-            self.stratum_of[:, cols] = (n_strata + snr_groups)[:, None]
-            n_strata += snr_groups.max() + 1
+        for g in range(snr_groups.max() + 1):
+            rows = snr_groups == g
+            z_groups = _group(counts[rows].sum(axis=0), min_per_stratum)
+            self.stratum_of[rows] = (n_strata + z_groups)[None, :]
+            n_strata += z_groups.max() + 1
 
         stratum = self.stratum_of[snr_bin, z_bin]
         order = np.lexsort((scores, stratum))
