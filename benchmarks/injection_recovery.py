@@ -50,6 +50,7 @@ from desi_anomaly.validation import (
     fit_detectors,
     inject_and_score,
     recovery_table,
+    score_cleaned,
     side_by_side,
     take,
 )
@@ -57,6 +58,7 @@ from desi_anomaly.validation import (
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "desi-edr"
 ALPHA = 0.01
+TOP_CALIBRATION = 12  # highest-scoring calibration spectra listed in the doc
 #: Fractions of the hash split (the rest is the test split). Calibration is as large as train:
 #: BH at q < 0.01 needs p-values near 0.01 x (discovered share), which only large calibration
 #: strata resolve; the test share (0.15) still gives every class x bin enough injected spectra.
@@ -97,6 +99,34 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
         cells = [floats.format(v) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def describe_strata(calibrator) -> str:
+    """One line per conformal stratum: its S/N and z ranges and calibration spectra."""
+    lines = []
+    for k, n_k in enumerate(calibrator.n_per_stratum):
+        rows, cols = np.nonzero(calibrator.stratum_of == k)
+        snr = calibrator.snr_edges[[rows.min(), rows.max() + 1]]
+        z = calibrator.z_edges[[cols.min(), cols.max() + 1]]
+        ranges = f"S/N {snr[0]:g}-{snr[1]:g}, z {z[0]:g}-{z[1]:g}"
+        lines.append(f"- stratum {k}: {ranges}: {n_k} spectra")
+    return "\n".join(lines)
+
+
+def highest_scores(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` highest-scoring spectra of a scored table with the component that scores them."""
+    top = table.nlargest(n, "ANOMALY_SCORE")
+    tailp = top[[c for c in top.columns if c.startswith("TAILP_")]]
+    return pd.DataFrame(
+        {
+            "TARGETID": top["TARGETID"],
+            "Z": top["Z"].round(2),
+            "SNR_MEDIAN": top["SNR_MEDIAN"].round(1),
+            "ANOMALY_SCORE": top["ANOMALY_SCORE"].round(1),
+            "STRATUM": top["STRATUM"],
+            "TOP_COMPONENT": tailp.idxmin(axis=1).str.removeprefix("TAILP_"),
+        }
+    )
 
 
 def _config_hash(config: VAEConfig) -> str:
@@ -182,6 +212,9 @@ def main() -> None:
     )
     n_strata = len(det.calibrator.n_per_stratum)
     min_p = 1.0 / (det.calibrator.n_per_stratum.max() + 1.0)
+    cal_table = score_cleaned(det, calib_all).table
+    cal_table["STRATUM"] = det.calibrator.stratum(cal_table["SNR_MEDIAN"], cal_table["Z"])
+    top_calibration = highest_scores(cal_table, TOP_CALIBRATION)
     log(f"VAE trained ({train_seconds:.0f} s) and detectors fitted")
 
     # 3. Inject every class into the test spectra and score originals and injected copies.
@@ -279,12 +312,20 @@ def main() -> None:
             rec_p = float(high.loc[kind, "RECALL_P_ensemble"])
             n = int(high.loc[kind, "N_INJECTED"])
             rows = (table["ANOMALY"] == kind) & (table["SNR_BIN_VALUE"] > 5)
-            rec_p5 = float((table.loc[rows, "P_VALUE"] <= ALPHA / 5).mean())
+            m = int(table["ANOMALY"].isin([kind, NO_ANOMALY]).sum())
+            found = (table["ANOMALY"] == kind) & (table["Q_VALUE"] < ALPHA)
+            if found.any():
+                bar = float(table.loc[found, "P_VALUE"].max())
+                why = "the largest p it accepted"
+            else:
+                bar = ALPHA * 0.9 * n / m
+                why = f"none accepted; finding 90% of them alone needs {ALPHA} x 0.9 x {n} / {m}"
+            reach = float((table.loc[rows, "P_VALUE"] <= bar).mean())
             checks.append(
                 f"- {kind} at S/N > 5: recall at q < {ALPHA} = {rec:.3f} ({n} injected): "
                 f"{'met' if rec >= 0.9 else 'NOT met'} (target >= 0.9); at p < {ALPHA}: "
-                f"{rec_p:.3f}; at p <= {ALPHA / 5:g} (what BH at {ALPHA} needs when a fifth of "
-                f"the catalogue is discovered): {rec_p5:.3f}"
+                f"{rec_p:.3f}; BH's bar over the class's {m} spectra: p <= {bar:.5f} ({why}), "
+                f"reached by {reach:.3f}"
             )
     how = "mock drop generated" if fresh else "mock drop reused from --data"
     drop_line = ", ".join(f"{k} {v}" for k, v in scored.n_dropped.items())
@@ -308,11 +349,16 @@ un-injected original's median S/N and redshift. AUROC_vae_rchi2 is a diagnostic:
 reconstruction reduced chi2 alone (one of the eight components the ensemble combines).
 
 Resolution of the recall figures: the {len(calib_all)} calibration spectra form {n_strata}
-S/N x z strata (at least {args.min_per_stratum} each), so no p-value is below {min_p:.4f}; BH at
+S/N x z strata (at least {args.min_per_stratum} each; S/N bins are grouped first, then z bins within
+them), so no p-value is below {min_p:.4f}; BH at
 {ALPHA} over m spectra makes R discoveries only with p <= {ALPHA} R / m, so with about as many
 normal as injected spectra a class is recovered at all only when a large share of it reaches the
-smallest p-values. A survey-size calibration set (1e4+ per stratum) removes this limit; AUROC has
-no such limit.
+smallest p-values. Resolution is not the only limit: where the S/N > 5 injections are a small part
+of their class's catalogue, BH needs p-values that only scores above all but a handful of the
+stratum's calibration spectra reach (the targets below give the bar), and the highest normal
+scores belong to the rare spectra the VAE fits worst. AUROC has neither limit.
+
+{describe_strata(det.calibrator)}
 
 Produced by the command below in {total / 60:.1f} min ({how}; VAE training {train_seconds:.0f} s;
 `{machine()}`, load average {os.getloadavg()[0]:.1f} at the end from other jobs on the machine):
@@ -337,6 +383,14 @@ under `--data`; every class x S/N x z bin: `injection_recovery_bins.csv` there.
 ## Targets
 
 {chr(10).join(checks)}
+
+## The highest-scoring calibration spectra
+
+Normal spectra by construction (the mock drop has no anomalies); an injected spectrum's p-value
+counts the calibration spectra of its stratum that outscore it. TOP_COMPONENT is the component with
+the smallest tail probability.
+
+{markdown_table(top_calibration, floats="{:g}")}
 
 ## Per class, all S/N and z
 
