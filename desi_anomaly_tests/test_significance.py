@@ -159,3 +159,21 @@ def test_snr_dependence():
     snr = rng.lognormal(0.8, 1.0, 5000)
     assert snr_dependence(np.log(snr) + rng.normal(0, 0.3, snr.size), snr) > 0.9
     assert abs(snr_dependence(rng.normal(size=snr.size), snr)) < 0.05
+
+
+def test_a_small_calibration_set_is_split_by_snr_before_redshift():
+    """Too few calibration spectra to split both ways: the strata separate faint from bright, so a
+    bright spectrum is not ranked against the faint spectra's heavy-tailed outliers."""
+    rng = np.random.default_rng(8)
+    n = 2000
+    snr = rng.choice([1.5, 10.0], n)
+    z = rng.uniform(0.5, 3.5, n)
+    score = np.where(snr < 2, rng.standard_cauchy(n), rng.normal(size=n))  # faint: heavy tail
+    calibrator = ConformalCalibrator().fit(
+        score, snr, z, snr_edges=[0, 2, np.inf], z_edges=[0, 2, np.inf], min_per_stratum=800
+    )
+    assert len(calibrator.n_per_stratum) == 2
+    np.testing.assert_array_equal(calibrator.stratum([1.5, 10.0], [1.0, 1.0]), [0, 1])
+    # a bright spectrum 6 sigma out outscores every bright calibration spectrum
+    p = calibrator.pvalues(np.array([6.0]), np.array([10.0]), np.array([3.0]))
+    assert p[0] == pytest.approx(1 / (calibrator.n_per_stratum[1] + 1))
