@@ -29,6 +29,7 @@ from desi_anomaly.catalog import build_catalog, explain_catalog, plot_top_anomal
 from desi_anomaly.catalog.build import DEFAULT_ALPHA
 from desi_anomaly.catalog.writers import write_outputs
 from desi_anomaly.errors import DesiAnomalyError
+from desi_anomaly.ingest import shard_path
 from desi_anomaly.io.partitions import parse_key
 from desi_anomaly.ml import (
     EncodeResult,
@@ -36,6 +37,7 @@ from desi_anomaly.ml import (
     TrainedVAE,
     VAEConfig,
     encode_partition,
+    latents_path,
     load_checkpoint,
     reconstruct,
     train_vae,
@@ -87,10 +89,10 @@ class Layout:
     root: Path
 
     def cleaned(self, key: str) -> Path:
-        return self.root / "cleaned" / f"{parse_key(key)}.parquet"
+        return shard_path(self.root, key)
 
     def latents(self, key: str) -> Path:
-        return self.root / "latents" / f"{parse_key(key)}.parquet"
+        return latents_path(self.root, key)
 
     def scores(self, key: str) -> Path:
         return self.root / "scores" / f"{parse_key(key)}.parquet"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from desi_anomaly.errors import DesiAnomalyError
 from desi_anomaly.io.coadd import QSOSelection, read_qso_spectra
-from desi_anomaly.io.partitions import PartitionFiles
+from desi_anomaly.io.partitions import PartitionFiles, parse_key
 from desi_anomaly.io.redshifts import QSOCatalog
 from desi_anomaly.preprocess import CleanedSpectra, PreprocessConfig, preprocess
 from desi_anomaly.shards import write_shard
@@ -37,8 +37,9 @@ class PartitionResult:
 
 
 def shard_path(out_dir: str | Path, key: str) -> Path:
-    """Where the cleaned shard of partition ``key`` lives under ``out_dir``."""
-    return Path(out_dir) / "cleaned" / f"{key}.parquet"
+    """Where the cleaned shard of partition ``key`` lives under ``out_dir`` (the key is
+    validated)."""
+    return Path(out_dir) / "cleaned" / f"{parse_key(key)}.parquet"
 
 
 def file_provenance(path: str | Path) -> dict[str, object]:
