@@ -50,7 +50,6 @@ from desi_anomaly.validation import (
     fit_detectors,
     inject_and_score,
     recovery_table,
-    score_cleaned,
     side_by_side,
     take,
 )
@@ -212,7 +211,7 @@ def main() -> None:
     )
     n_strata = len(det.calibrator.n_per_stratum)
     min_p = 1.0 / (det.calibrator.n_per_stratum.max() + 1.0)
-    cal_table = score_cleaned(det, calib_all).table
+    cal_table = det.calibration.copy()
     cal_table["STRATUM"] = det.calibrator.stratum(cal_table["SNR_MEDIAN"], cal_table["Z"])
     top_calibration = highest_scores(cal_table, TOP_CALIBRATION)
     log(f"VAE trained ({train_seconds:.0f} s) and detectors fitted")

@@ -51,6 +51,8 @@ class Detectors:
     calibrator: ConformalCalibrator
     pca: PCABaseline
     pca_calibrator: ConformalCalibrator
+    #: the calibration spectra scored as by ``score_cleaned`` (what the calibrators were fitted on)
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass
@@ -124,21 +126,22 @@ def fit_detectors(
         *_ensemble_inputs(vae, train), seed=seed, reference=_ensemble_inputs(vae, reference)
     )
     pca = PCABaseline(pca_components, seed=seed).fit(train.flux, train.ivar)
-
-    latents, resid = encode(vae, calibration)
-    ok = np.isfinite(resid[:, 0])
-    snr = calibration.meta["SNR_MEDIAN"].to_numpy()[ok]
-    z = calibration.meta["Z"].to_numpy()[ok]
-    minimum = min(min_per_stratum, int(ok.sum()))
-    scores = ensemble.score(latents[ok], resid[ok], snr)["ANOMALY_SCORE"].to_numpy()
-    calibrator = ConformalCalibrator().fit(
-        scores, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=minimum
-    )
-    pca_scores = pca.score(calibration.flux[ok], calibration.ivar[ok])
-    pca_calibrator = ConformalCalibrator().fit(
-        pca_scores, snr, z, snr_edges=SNR_EDGES, z_edges=Z_EDGES, min_per_stratum=minimum
-    )
-    return Detectors(vae, ensemble, calibrator, pca, pca_calibrator)
+    cal = _scores(vae, ensemble, pca, calibration).table
+    snr, z = cal["SNR_MEDIAN"].to_numpy(), cal["Z"].to_numpy()
+    fitted = [
+        ConformalCalibrator().fit(
+            cal[col].to_numpy(),
+            snr,
+            z,
+            snr_edges=SNR_EDGES,
+            z_edges=Z_EDGES,
+            min_per_stratum=min(min_per_stratum, len(cal)),
+        )
+        for col in ("ANOMALY_SCORE", "PCA_RCHI2")
+    ]
+    det = Detectors(vae, ensemble, fitted[0], pca, fitted[1], calibration=cal)
+    _add_pvalues(det, cal)
+    return det
 
 
 def _ensemble_inputs(
@@ -150,25 +153,39 @@ def _ensemble_inputs(
     return latents[ok], stats[ok], cleaned.meta["SNR_MEDIAN"].to_numpy()[ok]
 
 
-def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
-    """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 with conformal
-    p-values of cleaned spectra (rows without any good pixel are left out)."""
-    latents, resid = encode(det.vae, cleaned)
+def _scores(
+    vae: TrainedVAE, ensemble: AnomalyEnsemble, pca: PCABaseline, cleaned: CleanedSpectra
+) -> ScoredSpectra:
+    """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 of cleaned spectra
+    (rows without any good pixel are left out), before calibration."""
+    latents, resid = encode(vae, cleaned)
     ok = np.isfinite(resid[:, 0])
     meta = cleaned.meta.loc[ok, [c for c in _META if c in cleaned.meta]].reset_index(drop=True)
     table = meta.assign(**{c: resid[ok, i] for i, c in enumerate(RESIDUAL_COLUMNS)})
-    snr, z = table["SNR_MEDIAN"].to_numpy(), table["Z"].to_numpy()
     if ok.any():
-        scores = det.ensemble.score(latents[ok], resid[ok], snr)
+        scores = ensemble.score(latents[ok], resid[ok], table["SNR_MEDIAN"].to_numpy())
         for col in scores.columns:  # ANOMALY_SCORE and its components
             table[col] = scores[col].to_numpy()
-        table["P_VALUE"] = det.calibrator.pvalues(table["ANOMALY_SCORE"].to_numpy(), snr, z)
-        table["PCA_RCHI2"] = det.pca.score(cleaned.flux[ok], cleaned.ivar[ok])
-        table["PCA_P_VALUE"] = det.pca_calibrator.pvalues(table["PCA_RCHI2"].to_numpy(), snr, z)
+        table["PCA_RCHI2"] = pca.score(cleaned.flux[ok], cleaned.ivar[ok])
     else:
-        for col in ("ANOMALY_SCORE", "P_VALUE", "PCA_RCHI2", "PCA_P_VALUE"):
-            table[col] = np.zeros(0)
+        table["ANOMALY_SCORE"] = table["PCA_RCHI2"] = np.zeros(0)
     return ScoredSpectra(table, latents[ok])
+
+
+def _add_pvalues(det: Detectors, table: pd.DataFrame) -> None:
+    """Conformal P_VALUE (after ANOMALY_SCORE's columns) and PCA_P_VALUE, in place."""
+    snr, z = table["SNR_MEDIAN"].to_numpy(), table["Z"].to_numpy()
+    p = det.calibrator.pvalues(table["ANOMALY_SCORE"].to_numpy(), snr, z)
+    table.insert(table.columns.get_loc("PCA_RCHI2"), "P_VALUE", p)
+    table["PCA_P_VALUE"] = det.pca_calibrator.pvalues(table["PCA_RCHI2"].to_numpy(), snr, z)
+
+
+def score_cleaned(det: Detectors, cleaned: CleanedSpectra) -> ScoredSpectra:
+    """Ensemble scores (ANOMALY_SCORE and its component columns) and PCA_RCHI2 with conformal
+    p-values of cleaned spectra (rows without any good pixel are left out)."""
+    out = _scores(det.vae, det.ensemble, det.pca, cleaned)
+    _add_pvalues(det, out.table)
+    return out
 
 
 def inject_and_score(
