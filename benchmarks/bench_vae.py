@@ -114,7 +114,8 @@ def main() -> None:
     # the same spectra with the training prior's extra variance instead of the measured one
     wave = RestFrameGrid.from_dict(vae.grid).centres
     forest = vae.model.forest_pixels(wave)
-    measured = vae.model.extra_var.numpy().copy()
+    n_bins = int(np.isfinite(vae.model.extra_var_edges.numpy()).sum()) + 1
+    measured = vae.model.extra_var.numpy()[:n_bins].copy()  # one row per redshift bin
     covered = sum((shard.ivar > 0).sum(axis=0) for shard in held_data) >= 50
     vae.model.set_grid(wave)
     prior = pd.concat([encode_shard(vae, shard).to_pandas() for shard in held_data])
@@ -129,8 +130,9 @@ def main() -> None:
         "reconstruction_accuracy": float(np.mean(rchi2 < RCHI2_GOOD)),
         "rchi2_quantiles": {f"p{q}": float(np.quantile(rchi2, q / 100)) for q in (50, 90, 95, 99)},
         "reconstruction_accuracy_prior_noise": float(np.mean(rchi2_prior < RCHI2_GOOD)),
-        "extra_var_forest_median": float(np.median(measured[forest & covered])),
-        "extra_var_red_median": float(np.median(measured[~forest & covered])),
+        "extra_var_redshift_bins": n_bins,
+        "extra_var_forest_median": float(np.median(measured[:, forest & covered])),
+        "extra_var_red_median": float(np.median(measured[:, ~forest & covered])),
         "train_threads": args.threads,
         "train_seconds_total": train_seconds,
         "train_seconds_per_epoch_per_10k": epoch_seconds * 1e4 / n_train,

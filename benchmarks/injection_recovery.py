@@ -405,8 +405,10 @@ the smallest tail probability.
 
 ## Diagnostic: AUROC of each ensemble component
 
-Each of the four components the ensemble averages (as ``-ln`` tail probability): Isolation Forest,
-PCA detector and KNN on the VAE latents, and the reconstruction chi2 (RECON = AUROC_vae_rchi2).
+Each of the eight components whose largest ``-ln`` tail probability is the ensemble's score:
+Isolation Forest, PCA detector and KNN on the VAE latents; the reconstruction chi2 (RECON =
+AUROC_vae_rchi2), the strongest missed absorption outside (DIP) and inside (FOREST) the
+Lyman-alpha forest and emission feature (PEAK); line weakness (LINES).
 
 {markdown_table(components)}
 

@@ -8,7 +8,7 @@ import json
 import joblib
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import norm, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from desi_anomaly.errors import DesiAnomalyError
@@ -105,6 +105,21 @@ def test_extreme_scores_stay_ordered_beyond_the_reference(ensemble, test_set):
     assert out["TAILP_RECON"].iloc[1] < 1 / (n_ref + 1)  # extrapolated past the reference
     assert np.all(np.diff(out["TAILP_RECON"]) <= 0)  # may underflow to 0 ...
     assert np.all(np.diff(out["ANOMALY_SCORE"]) > 0)  # ... the score keeps the order
+
+
+def test_trough_tail_probabilities_follow_gaussian_tails(train):
+    """FOREST_DIP of normal spectra: the largest of ~50 independent standard-normal window sums.
+    Beyond the reference, a trough's tail probability is extrapolated on the s^2 / 2 scale, so it
+    follows the true ``50 P(N(0,1) > s)`` instead of falling off linearly in ``-ln``."""
+    col = STAT_COLUMNS.index("FOREST_DIP")
+    ref = synthetic_latents(20_000, seed=4)
+    ref.stats[:, col] = np.random.default_rng(0).normal(size=(20_000, 50)).max(axis=1)
+    ens = AnomalyEnsemble(SMALL).fit(*inputs(train), seed=0, reference=inputs(ref))
+    probe = synthetic_latents(50, seed=5)
+    for s in (7.0, 9.0):  # beyond the largest of 20,000 reference values (about 5)
+        probe.stats[:, col] = s
+        nlp = -np.log(ens.score(*inputs(probe))["TAILP_FOREST"].to_numpy())
+        assert np.median(nlp) == pytest.approx(-np.log(50 * norm.sf(s)), rel=0.15)
 
 
 def test_scores_do_not_depend_on_batching(ensemble, test_set):

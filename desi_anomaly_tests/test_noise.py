@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from desi_anomaly.ml.noise import PRIOR_PIXELS, excess_variance
+from desi_anomaly.ml.noise import PRIOR_PIXELS, excess_variance, excess_variance_by_redshift
 
 
 def draw(n: int, v_true: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,3 +56,36 @@ def test_sparsely_covered_pixels_shrink_towards_the_prior():
     weight = PRIOR_PIXELS / (PRIOR_PIXELS + n_pooled)
     assert np.all(v[1:19] == pytest.approx(0.1 * weight, abs=0.01))  # not the measured ~0
     assert np.all(v[25:] < 0.01)  # well measured: 0
+
+
+def test_forest_variance_is_measured_per_redshift_bin():
+    # the forest's variance grows with redshift: 1% for z < 2.5, 6% above
+    npix = 80
+    forest = np.arange(npix) < 40
+    lo, hi = (draw(1500, np.where(forest, v, 0.0), seed=s) for v, s in ((0.01, 4), (0.06, 5)))
+    flux, ivar, model = (np.concatenate(pair) for pair in zip(lo, hi, strict=True))
+    redshift = np.concatenate([np.linspace(2.0, 2.45, 1500), np.linspace(2.55, 4.0, 1500)])
+    prior = np.where(forest, 0.1, 0.0)
+    table, edges = excess_variance_by_redshift(
+        flux, ivar, model, redshift, forest, smooth_pixels=5, prior=prior, max_bins=4
+    )
+    assert table.shape == (4, npix) and edges.shape == (3,)
+    assert edges[1] == pytest.approx(2.5, abs=0.06)  # quantiles of the measurement redshifts
+    # one value per pixel would sit in between, wrong for both
+    single = excess_variance(flux, ivar, model, forest, smooth_pixels=5, prior=prior)
+    assert 0.02 < np.median(single[forest]) < 0.05
+    # each bin is shrunk a little towards that all-redshift value (750 spectra x 5 pixels)
+    trust = 3000 / (3000 + PRIOR_PIXELS)
+    for rows, v in ((table[:2], 0.01), (table[2:], 0.06)):
+        shrunk = trust * v + (1 - trust) * np.median(single[forest])
+        assert np.median(rows[:, forest], axis=1) == pytest.approx([shrunk, shrunk], rel=0.1)
+    assert np.all(table[:, ~forest] < 0.003)
+
+
+def test_few_spectra_give_one_redshift_bin():
+    flux, ivar, model = draw(150, np.full(20, 0.02), seed=6)
+    table, edges = excess_variance_by_redshift(
+        flux, ivar, model, np.linspace(1, 3, 150), np.ones(20, bool), 3, np.full(20, 0.1),
+        max_bins=16,
+    )  # fmt: skip
+    assert table.shape == (1, 20) and edges.size == 0

@@ -159,8 +159,25 @@ def test_checkpoint_holds_the_extra_variance_measured_after_training(trained):
     # measured, not the prior: with only ~20 validation spectra the forest estimate is shrunk
     # most of the way back to the prior (noise.PRIOR_PIXELS; test_noise checks the estimator),
     # the red side, covered by all of them, has none (the synthetic spectra are the model's kind)
-    assert forest.any() and not np.allclose(extra[forest], TINY.forest_var)
-    assert np.all(extra >= 0) and np.median(extra[~forest]) < 0.01
+    assert forest.any() and not np.allclose(extra[:, forest], TINY.forest_var)
+    assert np.all(extra >= 0) and np.median(extra[:, ~forest]) < 0.01
+    # too few validation spectra for redshift bins: one row for every redshift
+    assert not np.isfinite(vae.model.extra_var_edges.numpy()).any()
+
+
+def test_effective_ivar_uses_the_extra_variance_of_each_spectrums_redshift():
+    model = SpectrumVAE(TINY)
+    rows = np.stack([np.full(128, v) for v in (0.0, 0.1, 0.4)])
+    model.set_extra_var(rows, np.array([2.0, 3.0]))
+    redshift = torch.tensor([1.0, 2.5, 3.5, 2.0])
+    ivar, flux_model = torch.full((4, 128), 4.0), torch.full((4, 128), 2.0)
+    eff = model.effective_ivar(ivar, flux_model, redshift)
+    expected = 4.0 / (1.0 + 4.0 * torch.tensor([0.0, 0.1, 0.4, 0.1]) * 4.0)
+    torch.testing.assert_close(eff[:, 0], expected)
+    with pytest.raises(ValueError, match="pass the redshifts"):
+        model.effective_ivar(ivar, flux_model)
+    with pytest.raises(ValueError, match="increasing edges"):
+        model.set_extra_var(rows, np.array([3.0, 2.0]))
 
 
 def test_checkpoint_holds_everything_needed_to_resume_and_encode(trained, shards):

@@ -16,10 +16,11 @@ Components (each one a score, larger = more anomalous):
   ``desi_anomaly.ml.residuals``). RECON and PEAK are scored on a log scale (``LOG_SCALE``): their
   upper tails are close to power laws (the misfit of rare but normal spectra grows with S/N; noise
   spikes at low S/N), which the exponential tail below would extrapolate far too steeply on the
-  raw scale. DIP and FOREST are scored on the raw scale, where the box-filter maxima of normal
-  spectra, measured with the extra variance of ``desi_anomaly.ml.noise``, have close to
-  exponential tails: on a log scale a 20-sigma trough would count little more than a 10-sigma
-  misfit.
+  raw scale. DIP and FOREST are scored as ``s^2 / 2`` (``SQUARE_SCALE``): they are maxima of
+  window sums of normalised residuals, standard normal with the extra variance of
+  ``desi_anomaly.ml.noise``, whose tail probability falls as ``exp(-s^2 / 2)``; an exponential
+  tail in ``s`` itself would rate a 9-sigma trough (a damped Lyman-alpha system) barely above
+  the 6-sigma fluctuations of normal forests and let misfits of other components outrank it.
 - ``LINES``: line weakness, minus the mean over the measured broad lines (``EW_*`` columns of the
   cleaned shards; NaN where a line is not covered) of the standardised log equivalent width
   (median and MAD of the training spectra). The reconstruction fits a weak-line quasar with ease
@@ -85,6 +86,8 @@ STAT_COLUMNS = (*RESIDUAL_COLUMNS, *LINE_EW_COLUMNS)
 COMPONENTS = (*LATENT_DETECTORS, *RESIDUAL_COMPONENTS, "LINES")
 #: Residual components scored on a log scale (module doc).
 LOG_SCALE = ("RECON", "PEAK")
+#: Residual components scored as s^2 / 2 (module doc).
+SQUARE_SCALE = ("DIP", "FOREST")
 EW_FLOOR = 1.0  # Angstrom: smaller (or negative, noisy) EWs count as this before the log
 SCORE_COLUMNS = (
     *(f"SCORE_{name}" for name in LATENT_DETECTORS),
@@ -93,7 +96,7 @@ SCORE_COLUMNS = (
 )
 MIN_REFERENCE_ROWS = 50
 FORMAT = "desi_anomaly.AnomalyEnsemble"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 class AnomalyInputError(DesiAnomalyError, ValueError):
@@ -177,6 +180,15 @@ def _log_ew(stats: np.ndarray) -> np.ndarray:
     """log of the line EW columns of ``stats`` (NaN stays NaN)."""
     ew = stats[:, len(RESIDUAL_COLUMNS) :]
     return np.log(np.maximum(ew, EW_FLOOR, where=np.isfinite(ew), out=ew.copy()))
+
+
+def _scale(name: str, values: np.ndarray) -> np.ndarray:
+    """A residual component's score on the scale where its tail is exponential (module doc)."""
+    if name in LOG_SCALE:
+        return np.log(np.maximum(values, 1e-3))
+    if name in SQUARE_SCALE:
+        return np.sign(values) * values**2 / 2
+    return values
 
 
 def combine(neg_log_tail: np.ndarray) -> np.ndarray:
@@ -328,8 +340,7 @@ class AnomalyEnsemble:
             "KNN": self.knn_.decision_function(self.knn_projection_.transform(x)),
         }
         for i, name in enumerate(RESIDUAL_COMPONENTS):
-            # power-law tails become exponential on a log scale (module doc)
-            scores[name] = np.log(np.maximum(r[:, i], 1e-3)) if name in LOG_SCALE else r[:, i]
+            scores[name] = _scale(name, r[:, i])
         z = (_log_ew(r) - self.ew_median_) / self.ew_scale_
         measured = np.isfinite(z).sum(axis=1)
         weakness = -np.where(np.isfinite(z), z, 0.0).sum(axis=1) / np.maximum(measured, 1)

@@ -93,6 +93,19 @@ def _check_shard(vae: TrainedVAE, shard: Shard) -> None:
         )
 
 
+def _redshift(shard: Shard) -> np.ndarray:
+    """(n,) float64 Z of the shard's spectra (the extra variance depends on it)."""
+    where = shard.info.get("partition", "shard")
+    if len(shard.flux) == 0:
+        return np.empty(0)
+    if "Z" not in shard.meta:
+        raise DesiAnomalyError(f"shard {where} has no Z column: cannot encode its spectra")
+    z = shard.meta["Z"].to_numpy(dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise DesiAnomalyError(f"shard {where}: {int((~np.isfinite(z)).sum())} spectra lack a Z")
+    return z
+
+
 @dataclass
 class _Batch:
     code: np.ndarray  # (n, code_dim) posterior mean and eigenspectrum coefficients
@@ -106,7 +119,7 @@ class _Batch:
 
 
 def _batched_forward(
-    vae: TrainedVAE, flux: np.ndarray, ivar: np.ndarray, batch_size: int
+    vae: TrainedVAE, flux: np.ndarray, ivar: np.ndarray, redshift: np.ndarray, batch_size: int
 ) -> Iterator[_Batch]:
     """Encode and reconstruct ``batch_size`` spectra at a time."""
     device = next(vae.model.parameters()).device
@@ -116,9 +129,10 @@ def _batched_forward(
     for start in range(0, len(flux), batch_size):
         f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
         f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
-        recon, mu, coef = vae.model.fit_spectra(f_t, iv_t)
+        z_t = torch.tensor(redshift[start : start + batch_size], device=device)
+        recon, mu, coef = vae.model.fit_spectra(f_t, iv_t, z_t)
         f_d = f_t.double()
-        iv_eff = vae.model.effective_ivar(iv_t.double(), recon)
+        iv_eff = vae.model.effective_ivar(iv_t.double(), recon, z_t)
         pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
         good = iv > 0
         dip, peak = local_extremes(pull, good & ~forest, widths)
@@ -147,7 +161,7 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATC
     recon_chi2, dip, peak, forest_dip = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     n_good = np.empty(n, dtype=np.int32)
     start = 0
-    for b in _batched_forward(vae, shard.flux, shard.ivar, batch_size):
+    for b in _batched_forward(vae, shard.flux, shard.ivar, _redshift(shard), batch_size):
         sel = slice(start, start + len(b.code))
         latent[sel], recon_chi2[sel], n_good[sel] = b.code, b.chi2, b.n_good
         dip[sel], peak[sel], forest_dip[sel] = b.dip, b.peak, b.forest_dip
@@ -177,7 +191,8 @@ def reconstruct(
     tid = shard.meta["TARGETID"].to_numpy(dtype=np.int64)
     rows = np.arange(len(tid)) if targetids is None else np.flatnonzero(np.isin(tid, targetids))
     flux, ivar = clean_inputs(shard.flux[rows], shard.ivar[rows])
-    parts = [(b.model, b.ivar) for b in _batched_forward(vae, flux, ivar, batch_size)]
+    redshift = _redshift(shard)[rows]
+    parts = [(b.model, b.ivar) for b in _batched_forward(vae, flux, ivar, redshift, batch_size)]
     empty = np.zeros((0, vae.config.npix), np.float32)
     model = np.concatenate([r for r, _ in parts]) if parts else empty
     ivar_eff = np.concatenate([iv for _, iv in parts]) if parts else empty

@@ -4,8 +4,8 @@ The checkpoint (``{out_dir}/vae_checkpoint.pt``, rewritten atomically after ever
 everything needed to resume bit-for-bit on CPU and to encode later: current and best weights,
 optimizer state, config, rest-frame grid, training history, early-stopping state, RNG states and
 a fingerprint of the training shards. When training finishes, the best model's per-pixel extra
-variance is measured on (up to ``NOISE_ROWS`` of) the validation spectra, which it did not train
-on (``desi_anomaly.ml.noise``), and stored with its weights.
+variance is measured in quasar-redshift bins on (up to ``NOISE_ROWS`` of) the validation spectra,
+which it did not train on (``desi_anomaly.ml.noise``), and stored with its weights.
 """
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import read_shard, read_shard_info
 from desi_anomaly.splits import assign_split
 
-from .noise import excess_variance
-from .vae import SpectrumVAE, VAEConfig, clean_inputs, line_pixel_weight, vae_loss
+from .noise import excess_variance_by_redshift
+from .vae import (
+    EXTRA_VAR_ROWS,
+    SpectrumVAE,
+    VAEConfig,
+    clean_inputs,
+    line_pixel_weight,
+    vae_loss,
+)
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 5
+CHECKPOINT_VERSION = 6
 PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
 NOISE_ROWS = 4000  # validation spectra on which the extra variance is measured
 NOISE_SMOOTH_KMS = 5_000.0  # pixels pooled by the extra-variance estimate
@@ -84,10 +91,10 @@ def sample_spectra(
     max_spectra: int | None,
     rng: np.random.Generator,
     split: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Flux, ivar (cleaned by ``clean_inputs``) and grid of up to ``max_spectra`` spectra drawn
-    uniformly without replacement across ``shards`` (only those of ``split`` when given, see
-    ``desi_anomaly.splits``); only the drawn rows are kept in memory."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Flux, ivar (cleaned by ``clean_inputs``), redshift and grid of up to ``max_spectra``
+    spectra drawn uniformly without replacement across ``shards`` (only those of ``split`` when
+    given, see ``desi_anomaly.splits``); only the drawn rows are kept in memory."""
     if not shards:
         raise TrainingDataError("no training shards given")
     grid = read_shard_info(shards[0])["grid"]
@@ -103,17 +110,21 @@ def sample_spectra(
     npix = int(grid["npix"])
     flux = np.empty((n, npix), dtype=np.float32)
     ivar = np.empty((n, npix), dtype=np.float32)
+    redshift = np.empty(n, dtype=np.float64)
     filled = 0
     for i, path in enumerate(shards):
         picked = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
         if len(picked) == 0:
             continue
         rows = eligible[i][picked]
-        shard = read_shard(path, meta_columns=["TARGETID"])
+        shard = read_shard(path, meta_columns=["TARGETID", "Z"])
+        if "Z" not in shard.meta:
+            raise TrainingDataError(f"{path}: shard has no Z column")
         sel = slice(filled, filled + len(rows))
         flux[sel], ivar[sel] = clean_inputs(shard.flux[rows], shard.ivar[rows])
+        redshift[sel] = shard.meta["Z"].to_numpy(dtype=np.float64)[rows]
         filled += len(rows)
-    return flux, ivar, grid
+    return flux, ivar, redshift, grid
 
 
 def _eligible_rows(path: Path, split: str | None) -> np.ndarray:
@@ -148,7 +159,7 @@ def train_vae(
     shards = [Path(p) for p in shards]
     path = Path(out_dir) / CHECKPOINT_NAME
     rng = np.random.default_rng(config.seed)
-    flux, ivar, grid = sample_spectra(shards, max_spectra, rng, split)
+    flux, ivar, redshift, grid = sample_spectra(shards, max_spectra, rng, split)
     if int(grid["npix"]) != config.npix:
         raise TrainingDataError(f"shards have {grid['npix']} pixels, config.npix is {config.npix}")
     if len(flux) < 2:
@@ -241,7 +252,9 @@ def train_vae(
         if state["finished"]:
             best = state["best_model_state"]
             held = order[: min(n_val, NOISE_ROWS)]  # validation: it fits its own spectra too well
-            best["extra_var"] = measure_extra_var(config, best, flux[held], ivar[held], grid)
+            best["extra_var"], best["extra_var_edges"] = measure_extra_var(
+                config, best, flux[held], ivar[held], redshift[held], grid
+            )
         _write_checkpoint(path, model, optimizer, config, grid, fingerprint, state, rng, noise)
         if progress is not None:
             progress(record)
@@ -253,29 +266,34 @@ def measure_extra_var(
     weights: dict[str, torch.Tensor],
     flux: np.ndarray,
     ivar: np.ndarray,
+    redshift: np.ndarray,
     grid: dict[str, Any],
     batch_size: int = 128,
-) -> torch.Tensor:
-    """(npix,) extra variance of the model with ``weights`` measured on cleaned spectra
-    (``noise.excess_variance``; forest and red side pooled separately)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``extra_var`` and ``extra_var_edges`` buffers of the model with ``weights``, measured
+    on cleaned spectra of quasars at ``redshift`` (``noise.excess_variance_by_redshift``; forest
+    and red side pooled separately)."""
     model = SpectrumVAE(config)
     model.load_state_dict(weights)
     model.eval()
     recon = np.concatenate(
         [
             model.fit_spectra(torch.from_numpy(flux[i : i + batch_size]),
-                              torch.from_numpy(ivar[i : i + batch_size]))[0].numpy()
+                              torch.from_numpy(ivar[i : i + batch_size]),
+                              torch.from_numpy(redshift[i : i + batch_size]))[0].numpy()
             for i in range(0, len(flux), batch_size)
         ]
     )  # fmt: skip
     rest = RestFrameGrid.from_dict(grid)
-    extra = excess_variance(
-        flux, ivar, recon,
+    extra, edges = excess_variance_by_redshift(
+        flux, ivar, recon, redshift,
         regions=model.forest_pixels(rest.centres),
         smooth_pixels=round(NOISE_SMOOTH_KMS / rest.velocity_per_pixel),
-        prior=model.extra_var.numpy(),
+        prior=model.extra_variance(None).numpy(),
+        max_bins=EXTRA_VAR_ROWS,
     )  # fmt: skip
-    return torch.from_numpy(extra.astype(np.float32))
+    model.set_extra_var(extra, edges)
+    return model.extra_var.clone(), model.extra_var_edges.clone()
 
 
 def learning_rate(config: VAEConfig, epoch: int) -> float:

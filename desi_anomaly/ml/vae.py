@@ -31,6 +31,8 @@ from torch import nn
 #: Lya, CIV, CIII], MgII, Hbeta, Halpha.
 EMISSION_LINES = (1216.0, 1549.0, 1909.0, 2799.0, 4861.0, 6563.0)
 _C_KMS = 299_792.458
+#: Quasar-redshift bins (rows) the measured extra variance can have (``desi_anomaly.ml.noise``).
+EXTRA_VAR_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class VAEConfig:
     pixels blueward of ``forest_max_wave`` (rest A; Lyman-alpha, where the forest ends) during
     training: the forest is stochastic intergalactic absorption that no model of the quasar
     reproduces (DESI's Lya analyses call it var_lss). After training, the extra variance of every
-    pixel is measured on the validation spectra (``desi_anomaly.ml.noise``) and replaces this
-    prior.
+    pixel is measured in quasar-redshift bins on the validation spectra
+    (``desi_anomaly.ml.noise``) and replaces this prior.
     ``lr`` decays along a cosine to ``lr * lr_final_fraction`` at ``epochs``.
     ``batch_size``: on CPU the cost per spectrum of a training step falls steeply with the batch
     size up to about 64. ``patience``: epochs without a better validation loss before early
@@ -143,9 +145,11 @@ class SpectrumVAE(nn.Module):
         self.eigen = nn.Parameter(torch.zeros(config.npix, config.linear_dim))
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
-        # Per-pixel extra variance as a fraction of model^2: the forest prior for training
-        # (``set_grid``), then the variance measured after training (``set_extra_var``).
-        self.register_buffer("extra_var", torch.zeros(config.npix))
+        # Per-pixel extra variance as a fraction of model^2, one row per quasar-redshift bin
+        # (``EXTRA_VAR_ROWS``, upper bin edges ``extra_var_edges``): the forest prior for training
+        # (``set_grid``, one bin), then the variance measured after training (``set_extra_var``).
+        self.register_buffer("extra_var", torch.zeros(EXTRA_VAR_ROWS, config.npix))
+        self.register_buffer("extra_var_edges", torch.full((EXTRA_VAR_ROWS - 1,), math.inf))
 
     def set_grid(self, wave: np.ndarray) -> None:
         """Fill the per-pixel extra variance for rest-frame pixel centres ``wave`` (Angstrom)."""
@@ -155,14 +159,40 @@ class SpectrumVAE(nn.Module):
         """(npix,) bool: pixel centres ``wave`` (rest A) inside the Lyman-alpha forest."""
         return np.asarray(wave) < self.config.forest_max_wave
 
-    def set_extra_var(self, extra: np.ndarray) -> None:
-        """Set the per-pixel extra variance (fraction of model^2), shape (npix,)."""
-        self.extra_var.copy_(torch.from_numpy(np.asarray(extra, dtype=np.float32)))
+    def set_extra_var(self, extra: np.ndarray, edges: np.ndarray | None = None) -> None:
+        """Set the extra variance (fraction of model^2): (npix,) for every redshift, or (k, npix)
+        for k redshift bins with the k - 1 inner bin ``edges`` (k <= ``EXTRA_VAR_ROWS``)."""
+        extra = np.atleast_2d(np.asarray(extra, dtype=np.float32))
+        k = len(extra)
+        inner = np.asarray([] if edges is None else edges, dtype=np.float32)
+        if k > EXTRA_VAR_ROWS or inner.shape != (k - 1,) or np.any(np.diff(inner) <= 0):
+            raise ValueError(
+                f"extra variance of {k} redshift bins needs {k - 1} increasing edges and at most "
+                f"{EXTRA_VAR_ROWS} bins, got edges {inner.tolist()}"
+            )
+        rows = np.concatenate([extra, np.repeat(extra[-1:], EXTRA_VAR_ROWS - k, axis=0)])
+        self.extra_var.copy_(torch.from_numpy(rows))
+        padded = np.concatenate([inner, np.full(EXTRA_VAR_ROWS - k, np.inf, np.float32)])
+        self.extra_var_edges.copy_(torch.from_numpy(padded))
 
-    def effective_ivar(self, ivar: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    def extra_variance(self, redshift: torch.Tensor | None) -> torch.Tensor:
+        """Extra variance of each spectrum (n, npix) at quasar ``redshift`` (n,); None only while
+        the variance does not depend on redshift (the training prior), giving (npix,)."""
+        if redshift is None:
+            if torch.isfinite(self.extra_var_edges[0]):
+                raise ValueError("the extra variance depends on redshift: pass the redshifts")
+            return self.extra_var[0]
+        rows = torch.searchsorted(
+            self.extra_var_edges, redshift.to(self.extra_var_edges.dtype).contiguous(), right=True
+        )
+        return self.extra_var[rows]
+
+    def effective_ivar(
+        self, ivar: torch.Tensor, model: torch.Tensor, redshift: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``ivar`` with the extra variance ``extra_var * model^2`` added (model not differentiated:
         training cannot lower its chi2 by inflating the forest)."""
-        extra = self.extra_var * model.detach() ** 2
+        extra = self.extra_variance(redshift) * model.detach() ** 2
         return ivar / (1.0 + ivar * extra.to(ivar.dtype))
 
     def encode(self, flux: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +209,16 @@ class SpectrumVAE(nn.Module):
         return self.decoder(h)[:, 0, : self.config.npix] + self.offset
 
     def linear_coefficients(
-        self, flux: torch.Tensor, ivar: torch.Tensor, base: torch.Tensor
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor,
+        base: torch.Tensor,
+        redshift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MAP coefficients (n, linear_dim) of the eigenspectra fitting ``flux - base``: solves
         ``(E^T W E + I) c = E^T W (flux - base)`` with W the effective ivar at model ``base``."""
         e = self.eigen.to(flux.dtype)
-        w = self.effective_ivar(ivar, base)
+        w = self.effective_ivar(ivar, base, redshift)
         weighted = e.unsqueeze(0) * w.sqrt().unsqueeze(2)  # (n, npix, k)
         normal = weighted.transpose(1, 2) @ weighted
         normal = normal + torch.eye(e.shape[1], dtype=flux.dtype, device=flux.device)
@@ -192,24 +226,28 @@ class SpectrumVAE(nn.Module):
         return torch.linalg.solve(normal, rhs)
 
     def reconstruct(
-        self, flux: torch.Tensor, ivar: torch.Tensor, z: torch.Tensor
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor,
+        z: torch.Tensor,
+        redshift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction (n, npix) of ``flux`` from latent ``z`` and its linear coefficients."""
         base = self.decode(z).to(flux.dtype)
         if self.config.linear_dim == 0:
             return base, base.new_zeros((len(base), 0))
-        coef = self.linear_coefficients(flux, ivar, base)
+        coef = self.linear_coefficients(flux, ivar, base, redshift)
         return base + coef @ self.eigen.to(flux.dtype).T, coef
 
     @torch.no_grad()
     def fit_spectra(
-        self, flux: torch.Tensor, ivar: torch.Tensor
+        self, flux: torch.Tensor, ivar: torch.Tensor, redshift: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction (float64, from the posterior mean), posterior mean and coefficients of
-        cleaned float32 ``flux``/``ivar``; the linear solve runs in float64 so the result does
-        not depend on the thread count."""
+        cleaned float32 ``flux``/``ivar`` of quasars at ``redshift``; the linear solve runs in
+        float64 so the result does not depend on the thread count."""
         mu, _ = self.encode(flux, (ivar > 0).to(flux.dtype))
-        recon, coef = self.reconstruct(flux.double(), ivar.double(), mu)
+        recon, coef = self.reconstruct(flux.double(), ivar.double(), mu, redshift)
         return recon, mu, coef
 
     def forward(
