@@ -161,8 +161,9 @@ def _markdown(args: argparse.Namespace, f: dict) -> str:
             f"{f['reconstruction_accuracy_prior_noise']:.1%}",
         ),
         (
-            "measured extra variance / model^2, median over pixels with >= 50 held-out spectra: "
-            "forest / red side",
+            "measured extra variance / model^2, median over its "
+            f"{f['extra_var_redshift_bins']} quasar-redshift bins and the pixels with >= 50 "
+            "held-out spectra: forest / red side",
             f"{f['extra_var_forest_median']:.4f} / {f['extra_var_red_median']:.1e}",
         ),
         (
