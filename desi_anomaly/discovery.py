@@ -43,7 +43,7 @@ from desi_anomaly.ml import (
     train_vae,
 )
 from desi_anomaly.ml.anomaly_types import AnomalyTypes, find_anomaly_types
-from desi_anomaly.ml.detectors import AnomalyEnsemble, stats_matrix
+from desi_anomaly.ml.detectors import MIN_REFERENCE_ROWS, AnomalyEnsemble, stats_matrix
 from desi_anomaly.ml.raydispatch import encode_shards_on_ray, train_on_ray
 from desi_anomaly.ml.significance import ConformalCalibrator, benjamini_hochberg
 from desi_anomaly.ml.training import CHECKPOINT_NAME
@@ -79,6 +79,8 @@ META_COLUMNS = (
     "BAL_FLAG",
 )
 SNR_EDGES = np.array([0.0, 1.0, 2.0, 4.0, 8.0, np.inf])
+#: Share of the VAE's training spectra held out from the detectors as the seen reference.
+SEEN_REFERENCE_FRACTION = 0.2
 Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, np.inf])
 
 
@@ -168,7 +170,8 @@ def fit_detector(
     min_discovery_fraction: float = 0.01,
 ) -> tuple[AnomalyEnsemble, ConformalCalibrator]:
     """Fit the ensemble on train-split latents (tail probabilities against the reference split,
-    which the VAE did not train on) and calibrate on the calibration split; save both.
+    which the VAE did not train on, and for the spectra it trained on against a held-out
+    ``SEEN_REFERENCE_FRACTION`` of them) and calibrate on the calibration split; save both.
 
     Only the latents, residual statistics, S/N and Z of each partition are held, and the training
     sample is capped at ``max_train`` spectra. Strata hold ``stratum_size(alpha,
@@ -188,10 +191,18 @@ def fit_detector(
             f"{len(train)} training, {len(reference)} reference and {len(calib)} calibration "
             "spectra: need all three to be non-empty"
         )
+    # a share of the spectra the VAE trained on, held out from the detectors, is the reference
+    # of the seen spectra (AnomalyEnsemble.fit)
+    seen = train[train["VAE_TRAINED"]].sample(frac=SEEN_REFERENCE_FRACTION, random_state=seed)
+    seen_reference = None
+    if len(seen) >= MIN_REFERENCE_ROWS:
+        train = train.drop(index=seen.index)
+        seen_reference = _detector_inputs(seen)
     ensemble = AnomalyEnsemble().fit(
         *_detector_inputs(train),
         seed=seed,
         reference=_detector_inputs(reference),
+        seen_reference=seen_reference,
     )
     calib = calib[np.isfinite(calib["RECON_RCHI2"])]
     cal_scores = ensemble.score(*_detector_inputs(calib))["ANOMALY_SCORE"].to_numpy()
@@ -222,6 +233,7 @@ def score_partition(
         np.stack(table.loc[ok, "LATENT"].to_numpy()).reshape(int(ok.sum()), -1),
         stats_matrix(table.loc[ok]),
         table.loc[ok, "SNR_MEDIAN"].to_numpy(),
+        seen=table.loc[ok, "VAE_TRAINED"].to_numpy(),
     )
     out = table.drop(columns=["LATENT"])
     for col in scores.columns:

@@ -88,6 +88,36 @@ def test_a_separate_reference_sets_the_tail_probabilities(train, test_set):
     assert np.median(b) > np.median(a) + 0.3
 
 
+def fitted_better(s: SyntheticLatents) -> SyntheticLatents:
+    """The same spectra as the VAE fits them once it trained on them: most of their misfit gone
+    (the misfit grows with S/N, so the gain does too)."""
+    stats = s.stats.copy()
+    stats[:, 0] = 1.0 + 0.3 * (stats[:, 0] - 1.0)
+    return SyntheticLatents(s.latents, stats, s.snr, s.is_anomaly)
+
+
+def test_spectra_the_vae_trained_on_have_their_own_reference(train, test_set):
+    fit, ref = inputs(train, slice(0, 3000)), inputs(train, slice(3000, None))
+    seen_ref = inputs(fitted_better(synthetic_latents(3000, seed=6)))
+    ens = AnomalyEnsemble(SMALL).fit(*fit, seed=0, reference=ref, seen_reference=seen_ref)
+    assert ens.info["n_seen_reference"] == 3000
+    normal = ~test_set.is_anomaly
+    seen = fitted_better(test_set)
+    as_new = ens.score(*inputs(seen))["TAILP_RECON"].to_numpy()[normal]
+    as_seen = ens.score(*inputs(seen), seen=np.ones(len(seen.snr), bool))
+    snr = test_set.snr[normal]
+    # against the reference of new spectra the better fits look normal beyond doubt (tail
+    # probabilities near 1), the more the higher the S/N; against their own, uniform
+    assert as_new.mean() > 0.6 and spearmanr(as_new, snr)[0] > 0.3
+    recon = as_seen["TAILP_RECON"].to_numpy()[normal]
+    assert recon.mean() == pytest.approx(0.5, abs=0.04) and abs(spearmanr(recon, snr)[0]) < 0.1
+    mixed = np.arange(len(seen.snr)) % 2 == 0  # the flag applies row by row
+    rows = ens.score(*inputs(seen), seen=mixed)
+    np.testing.assert_allclose(rows["ANOMALY_SCORE"][mixed], as_seen["ANOMALY_SCORE"][mixed])
+    with pytest.raises(AnomalyInputError, match="seen must have shape"):
+        ens.score(*inputs(seen), seen=mixed[:10])
+
+
 def test_score_of_normal_spectra_does_not_track_snr(scored, test_set):
     normal = ~test_set.is_anomaly
     snr = test_set.snr[normal]

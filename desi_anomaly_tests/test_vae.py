@@ -165,6 +165,20 @@ def test_checkpoint_holds_the_extra_variance_measured_after_training(trained):
     assert not np.isfinite(vae.model.extra_var_edges.numpy()).any()
 
 
+def test_latents_flag_the_spectra_the_vae_trained_on(trained, shards):
+    vae = load_checkpoint(trained)
+    train_tid = np.concatenate([read_shard(p).meta["TARGETID"].to_numpy() for p in shards[:3]])
+    # every training shard spectrum except the validation share (TINY.val_fraction)
+    n_val = round(TINY.val_fraction * len(train_tid))
+    assert len(vae.trained_targetids) == len(train_tid) - n_val
+    assert np.isin(vae.trained_targetids, train_tid).all()
+    for path, trained_on in ((shards[0], True), (shards[3], False)):
+        table = encode_shard(vae, read_shard(path)).to_pandas()
+        expected = np.isin(table["TARGETID"], vae.trained_targetids)
+        np.testing.assert_array_equal(table["VAE_TRAINED"], expected)
+        assert expected.any() == trained_on
+
+
 def test_effective_ivar_uses_the_extra_variance_of_each_spectrums_redshift():
     model = SpectrumVAE(TINY)
     rows = np.stack([np.full(128, v) for v in (0.0, 0.1, 0.4)])

@@ -46,6 +46,11 @@ scores instead of tying at ``1 / (n_ref + 1)``. The combined ``ANOMALY_SCORE`` i
 ``-ln(tail probability)`` over the components: about 2.7 for a typical spectrum (the mean largest of
 8 unit exponentials), large when any one component is extreme. It is a ranking score, not a p-value;
 ``desi_anomaly.ml.significance`` calibrates it.
+
+Spectra the VAE trained on (``seen`` in ``score``) are compared with a second reference, normal
+spectra the VAE trained on but the detectors did not (``seen_reference`` in ``fit``), when there is
+one: the VAE reconstructs its own training spectra better than new ones, most of all at high S/N,
+so against the first reference their scores would fall with S/N.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ SCORE_COLUMNS = (
 )
 MIN_REFERENCE_ROWS = 50
 FORMAT = "desi_anomaly.AnomalyEnsemble"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 class AnomalyInputError(DesiAnomalyError, ValueError):
@@ -261,6 +266,7 @@ class AnomalyEnsemble:
         *,
         seed: int,
         reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        seen_reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> AnomalyEnsemble:
         """Fit on a training sample: latents (n, d), residual statistics and line EWs
         (n, len(STAT_COLUMNS), ``stats_matrix``) and median S/N (n,).
@@ -269,6 +275,10 @@ class AnomalyEnsemble:
         which the tail probabilities are measured. Without it a ``reference_fraction`` of the
         training rows is held out instead; if the VAE trained on those spectra it reconstructs them
         better than new ones, so new normal spectra then get too small tail probabilities.
+
+        ``seen_reference``: the same for normal spectra the VAE did train on (but the detectors
+        not): ``score`` measures the tail probabilities of such spectra (``seen``) against these,
+        since the VAE fits them better than new spectra, most of all at high S/N.
         """
         cfg = self.config
         x, r, s = _as_inputs(latents, stats, snr, None)
@@ -298,11 +308,25 @@ class AnomalyEnsemble:
             self.tails_ = _SnrTails(
                 self._component_scores(x_ref, r_ref), s_ref, cfg.min_per_snr_bin, cfg.max_snr_bins
             )
+            self.seen_tails_ = None
+            if seen_reference is not None:
+                x_seen, r_seen, s_seen = _as_inputs(*seen_reference, x.shape[1])
+                if len(x_seen) < MIN_REFERENCE_ROWS:
+                    raise AnomalyInputError(
+                        f"fit got {len(x_seen)} seen reference rows (needs >= {MIN_REFERENCE_ROWS})"
+                    )
+                self.seen_tails_ = _SnrTails(
+                    self._component_scores(x_seen, r_seen),
+                    s_seen,
+                    cfg.min_per_snr_bin,
+                    cfg.max_snr_bins,
+                )
         self.info = {
             "latent_dim": int(x.shape[1]),
             "n_train": len(x),
             "n_fit": n_fit,
             "n_reference": n_ref,
+            "n_seen_reference": 0 if seen_reference is None else len(seen_reference[0]),
             "n_knn_reference": len(knn_rows),
             "snr_bin_edges": self.tails_.edges.tolist(),
             "knn_pca_components": self.knn_projection_.n_components_,
@@ -346,29 +370,49 @@ class AnomalyEnsemble:
         weakness = -np.where(np.isfinite(z), z, 0.0).sum(axis=1) / np.maximum(measured, 1)
         return scores | {"LINES": weakness}
 
-    def score(self, latents: np.ndarray, stats: np.ndarray, snr: np.ndarray) -> pd.DataFrame:
+    def score(
+        self,
+        latents: np.ndarray,
+        stats: np.ndarray,
+        snr: np.ndarray,
+        seen: np.ndarray | None = None,
+    ) -> pd.DataFrame:
         """Score a batch; each row's result depends only on that row and the fitted ensemble.
 
+        ``seen`` (bool per row): spectra the VAE trained on, whose tail probabilities are measured
+        against the seen reference of ``fit`` (when it had one; otherwise like all others).
+
         Returns one row per spectrum: ``SCORE_IFOREST``, ``SCORE_PCA``, ``SCORE_KNN`` (raw detector
-        scores), ``TAILP_<component>`` (tail probability against the training reference, for the
-        three detectors and RECON) and ``ANOMALY_SCORE`` (mean of ``-ln TAILP``).
+        scores), ``TAILP_<component>`` (tail probability of each component against the reference
+        spectra of its S/N bin) and ``ANOMALY_SCORE`` (largest ``-ln TAILP``).
         """
         if not self.info:
             raise DesiAnomalyError("AnomalyEnsemble.score called before fit or load")
         x, r, s = _as_inputs(latents, stats, snr, self.latent_dim)
+        seen = np.zeros(len(x), bool) if seen is None else np.asarray(seen, dtype=bool)
+        if seen.shape != (len(x),):
+            raise AnomalyInputError(f"seen must have shape ({len(x)},), got {seen.shape}")
         step = self.config.chunk_size
         with _threadpools().limit(limits=self.config.n_jobs):
             parts = [
-                self._score_chunk(x[i : i + step], r[i : i + step], s[i : i + step])
+                self._score_chunk(
+                    x[i : i + step], r[i : i + step], s[i : i + step], seen[i : i + step]
+                )
                 for i in range(0, len(x), step)
             ]
         if not parts:
             return pd.DataFrame({col: np.empty(0) for col in SCORE_COLUMNS})
         return pd.concat(parts, ignore_index=True)
 
-    def _score_chunk(self, x: np.ndarray, r: np.ndarray, s: np.ndarray) -> pd.DataFrame:
+    def _score_chunk(
+        self, x: np.ndarray, r: np.ndarray, s: np.ndarray, seen: np.ndarray
+    ) -> pd.DataFrame:
         raw = self._component_scores(x, r)
         nlp = self.tails_.neg_log(raw, s)
+        if self.seen_tails_ is not None and seen.any():
+            again = self.seen_tails_.neg_log({k: v[seen] for k, v in raw.items()}, s[seen])
+            for name, values in again.items():
+                nlp[name][seen] = values
         out = {f"SCORE_{name}": raw[name] for name in LATENT_DETECTORS}
         out |= {f"TAILP_{name}": np.exp(-nlp[name]) for name in COMPONENTS}
         out["ANOMALY_SCORE"] = combine(np.stack([nlp[name] for name in COMPONENTS]))

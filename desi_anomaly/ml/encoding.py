@@ -8,7 +8,8 @@ with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
 pixels with finite flux and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD
 is 0), RESID_DIP, RESID_PEAK and FOREST_DIP (float64, the strongest absorption outside the
 Lyman-alpha forest, emission feature anywhere and absorption inside the forest missed by the
-reconstruction, ``desi_anomaly.ml.residuals``; 0 where a region has no data). Key-value
+reconstruction, ``desi_anomaly.ml.residuals``; 0 where a region has no data), VAE_TRAINED (bool:
+the VAE trained on this spectrum, which it therefore fits better than new ones). Key-value
 metadata ``desi_anomaly`` (JSON): schema name and version, code version, partition, checkpoint
 path and sha256, grid, latent_dim (the code length).
 """
@@ -38,7 +39,7 @@ from .residuals import local_extremes, window_widths
 from .training import CheckpointError, TrainedVAE, same_grid
 from .vae import chi2, clean_inputs
 
-LATENTS_SCHEMA_VERSION = 3
+LATENTS_SCHEMA_VERSION = 4
 ENCODE_BATCH = 128  # spectra per forward pass: the linear solve holds batch x npix x linear_dim
 _META_KEY = b"desi_anomaly"
 
@@ -169,8 +170,9 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATC
     with np.errstate(invalid="ignore", divide="ignore"):
         rchi2 = np.where(n_good > 0, recon_chi2 / n_good, np.nan)
     partition = shard.meta["PARTITION"] if "PARTITION" in shard.meta else shard.info["partition"]
+    tid = shard.meta["TARGETID"].to_numpy(dtype=np.int64)
     columns = {
-        "TARGETID": pa.array(shard.meta["TARGETID"].to_numpy(dtype=np.int64)),
+        "TARGETID": pa.array(tid),
         "PARTITION": pa.array(np.broadcast_to(np.asarray(partition, dtype=object), n), pa.string()),
         "LATENT": pa.FixedSizeListArray.from_arrays(pa.array(latent.ravel()), dim),
         "RECON_CHI2": pa.array(recon_chi2),
@@ -179,6 +181,7 @@ def encode_shard(vae: TrainedVAE, shard: Shard, *, batch_size: int = ENCODE_BATC
         "RESID_PEAK": pa.array(np.where(n_good > 0, peak, np.nan)),
         "FOREST_DIP": pa.array(np.where(n_good > 0, forest_dip, np.nan)),
         "N_GOOD": pa.array(n_good),
+        "VAE_TRAINED": pa.array(np.isin(tid, vae.trained_targetids)),
     }
     return pa.table(columns)
 

@@ -2,10 +2,12 @@
 
 The checkpoint (``{out_dir}/vae_checkpoint.pt``, rewritten atomically after every epoch) holds
 everything needed to resume bit-for-bit on CPU and to encode later: current and best weights,
-optimizer state, config, rest-frame grid, training history, early-stopping state, RNG states and
-a fingerprint of the training shards. When training finishes, the best model's per-pixel extra
-variance is measured in quasar-redshift bins on (up to ``NOISE_ROWS`` of) the validation spectra,
-which it did not train on (``desi_anomaly.ml.noise``), and stored with its weights.
+optimizer state, config, rest-frame grid, training history, early-stopping state, RNG states, a
+fingerprint of the training shards and the TARGETIDs of the spectra it trained on (so that
+scoring can tell them from spectra it never saw). When training finishes, the best model's
+per-pixel extra variance is measured in quasar-redshift bins on (up to ``NOISE_ROWS`` of) the
+validation spectra, which it did not train on (``desi_anomaly.ml.noise``), and stored with its
+weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,7 +44,7 @@ from .vae import (
 
 CHECKPOINT_NAME = "vae_checkpoint.pt"
 CHECKPOINT_FORMAT = "desi-anomaly-vae"
-CHECKPOINT_VERSION = 6
+CHECKPOINT_VERSION = 7
 PCA_INIT_ROWS = 4000  # training spectra whose principal components start the eigenspectra
 NOISE_ROWS = 4000  # validation spectra on which the extra variance is measured
 NOISE_SMOOTH_KMS = 5_000.0  # pixels pooled by the extra-variance estimate
@@ -70,6 +72,17 @@ class TrainedVAE:
     path: Path
     sha256: str
     history: list[dict[str, float]]
+    trained_targetids: np.ndarray  # sorted TARGETIDs of the spectra it trained on (not validation)
+
+
+class TrainingSample(NamedTuple):
+    """Spectra drawn for training by ``sample_spectra``."""
+
+    flux: np.ndarray  # (n, npix) float32, cleaned by ``clean_inputs``
+    ivar: np.ndarray  # (n, npix) float32
+    redshift: np.ndarray  # (n,) float64
+    targetid: np.ndarray  # (n,) int64
+    grid: dict[str, Any]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -91,10 +104,10 @@ def sample_spectra(
     max_spectra: int | None,
     rng: np.random.Generator,
     split: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Flux, ivar (cleaned by ``clean_inputs``), redshift and grid of up to ``max_spectra``
-    spectra drawn uniformly without replacement across ``shards`` (only those of ``split`` when
-    given, see ``desi_anomaly.splits``); only the drawn rows are kept in memory."""
+) -> TrainingSample:
+    """Up to ``max_spectra`` spectra drawn uniformly without replacement across ``shards`` (only
+    those of ``split`` when given, see ``desi_anomaly.splits``); only the drawn rows are kept in
+    memory."""
     if not shards:
         raise TrainingDataError("no training shards given")
     grid = read_shard_info(shards[0])["grid"]
@@ -111,6 +124,7 @@ def sample_spectra(
     flux = np.empty((n, npix), dtype=np.float32)
     ivar = np.empty((n, npix), dtype=np.float32)
     redshift = np.empty(n, dtype=np.float64)
+    targetid = np.empty(n, dtype=np.int64)
     filled = 0
     for i, path in enumerate(shards):
         picked = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
@@ -123,8 +137,9 @@ def sample_spectra(
         sel = slice(filled, filled + len(rows))
         flux[sel], ivar[sel] = clean_inputs(shard.flux[rows], shard.ivar[rows])
         redshift[sel] = shard.meta["Z"].to_numpy(dtype=np.float64)[rows]
+        targetid[sel] = shard.meta["TARGETID"].to_numpy(dtype=np.int64)[rows]
         filled += len(rows)
-    return flux, ivar, redshift, grid
+    return TrainingSample(flux, ivar, redshift, targetid, grid)
 
 
 def _eligible_rows(path: Path, split: str | None) -> np.ndarray:
@@ -159,7 +174,7 @@ def train_vae(
     shards = [Path(p) for p in shards]
     path = Path(out_dir) / CHECKPOINT_NAME
     rng = np.random.default_rng(config.seed)
-    flux, ivar, redshift, grid = sample_spectra(shards, max_spectra, rng, split)
+    flux, ivar, redshift, targetid, grid = sample_spectra(shards, max_spectra, rng, split)
     if int(grid["npix"]) != config.npix:
         raise TrainingDataError(f"shards have {grid['npix']} pixels, config.npix is {config.npix}")
     if len(flux) < 2:
@@ -197,6 +212,7 @@ def train_vae(
         "finished": False,
         "history": [],
         "best_model_state": None,
+        "trained_targetids": torch.from_numpy(np.sort(targetid[train_idx])),
     }
     saved = _read_checkpoint(path, accept_older=True) if resume and path.exists() else None
     if saved is not None and saved["format_version"] < CHECKPOINT_VERSION:
@@ -439,4 +455,5 @@ def load_checkpoint(
         path,
         file_sha256(path),
         saved["history"],
+        saved["trained_targetids"].numpy(),
     )
