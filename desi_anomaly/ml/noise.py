@@ -79,7 +79,8 @@ def excess_variance_by_redshift(
     overall = excess_variance(flux, ivar, model, regions, smooth_pixels, prior)
     redshift = np.asarray(redshift, dtype=np.float64)
     k = int(np.clip(len(redshift) // max(min_spectra, 1), 1, max_bins))
-    edges = np.unique(np.quantile(redshift, np.linspace(0.0, 1.0, k + 1)[1:-1]))
+    # rounded: the edges are stored as float32 and must stay strictly increasing there
+    edges = np.unique(np.round(np.quantile(redshift, np.linspace(0.0, 1.0, k + 1)[1:-1]), 4))
     rows = np.searchsorted(edges, redshift, side="right")
     table = np.stack(
         [

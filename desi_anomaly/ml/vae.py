@@ -146,7 +146,7 @@ class SpectrumVAE(nn.Module):
         # Per-pixel offset: learns the mean spectrum so the decoder models departures from it.
         self.offset = nn.Parameter(torch.ones(config.npix))
         # Per-pixel extra variance as a fraction of model^2, one row per quasar-redshift bin
-        # (``EXTRA_VAR_ROWS``, upper bin edges ``extra_var_edges``): the forest prior for training
+        # (``EXTRA_VAR_ROWS``, inner bin edges ``extra_var_edges``): the forest prior for training
         # (``set_grid``, one bin), then the variance measured after training (``set_extra_var``).
         self.register_buffer("extra_var", torch.zeros(EXTRA_VAR_ROWS, config.npix))
         self.register_buffer("extra_var_edges", torch.full((EXTRA_VAR_ROWS - 1,), math.inf))
