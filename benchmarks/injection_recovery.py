@@ -34,11 +34,13 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine
 
+from desi_anomaly.discovery import SNR_EDGES, Z_EDGES, Z_ISOLATED
 from desi_anomaly.ingest import write_cleaned_shard
 from desi_anomaly.io.coadd import read_qso_spectra
 from desi_anomaly.io.partitions import discover
 from desi_anomaly.io.redshifts import QSOCatalog
 from desi_anomaly.ml import VAEConfig, load_checkpoint, train_vae
+from desi_anomaly.ml.significance import benjamini_hochberg
 from desi_anomaly.mock.anomalies import ANOMALY_KINDS
 from desi_anomaly.preprocess import DEFAULT_GRID, PreprocessConfig, RestFrameGrid, preprocess
 from desi_anomaly.splits import assign_split
@@ -61,6 +63,7 @@ SHARED = REPO.parent / "shared" / "data" / "desi-edr"
 ALPHA = 0.01
 TOP_CALIBRATION = 12  # highest-scoring calibration spectra listed in the doc
 DLA_LOG_NHI_EDGES = (20.3, 20.6, 20.9, 21.2, 21.5)
+TAIL_SCORES = (8.0, 12.0)  # calibration-tail table: shares of normal spectra above these scores
 #: Fractions of the hash split (the rest is the test split). Calibration is as large as train:
 #: BH at q < 0.01 needs p-values near 0.01 x (discovered share), which only large calibration
 #: strata resolve; the test share (0.15) still gives every class x bin enough injected spectra.
@@ -129,6 +132,32 @@ def highest_scores(table: pd.DataFrame, n: int) -> pd.DataFrame:
             "TOP_COMPONENT": tailp.idxmin(axis=1).str.removeprefix("TAILP_"),
         }
     )
+
+
+def calibration_tail(table: pd.DataFrame) -> pd.DataFrame:
+    """Upper tail of the calibration scores per S/N bin and per z bin (the calibrator's edges):
+    which of the two the extreme scores of normal spectra depend on."""
+    rows = []
+    for col, name, edges in (("SNR_MEDIAN", "S/N", SNR_EDGES), ("Z", "z", Z_EDGES)):
+        bins = pd.cut(table[col], edges, right=False)
+        for interval, scores in table.groupby(bins, observed=True)["ANOMALY_SCORE"]:
+            row = {"BIN": f"{name} {interval.left:g}-{interval.right:g}", "N": len(scores)}
+            for t in TAIL_SCORES:
+                row[f"PER_MILLE_ABOVE_{t:g}"] = 1000 * float((scores > t).mean())
+            rows.append(row | {"MAX": float(scores.max())})
+    return pd.DataFrame(rows)
+
+
+def realised_fdr(table: pd.DataFrame) -> str:
+    """Share of normal spectra among the ensemble's discoveries in each class's catalogue."""
+    normal = table["ANOMALY"] == NO_ANOMALY
+    parts = []
+    for kind in sorted(pd.unique(table.loc[~normal, "ANOMALY"])):
+        rows = table[normal | (table["ANOMALY"] == kind)]
+        found = benjamini_hochberg(rows["P_VALUE"].to_numpy(), ALPHA).discoveries
+        false = int((found & (rows["ANOMALY"] == NO_ANOMALY).to_numpy()).sum())
+        parts.append(f"{kind} {false}/{int(found.sum())}")
+    return ", ".join(parts)
 
 
 def dla_by_column_density(table: pd.DataFrame, bar: float) -> pd.DataFrame:
@@ -384,8 +413,8 @@ un-injected original's median S/N and redshift. AUROC_vae_rchi2 is a diagnostic:
 reconstruction reduced chi2 alone (one of the eight components the ensemble combines).
 
 Resolution of the recall figures: the {len(calib_all)} calibration spectra form {n_strata}
-S/N x z strata (at least {args.min_per_stratum} each; S/N bins are grouped first, then z bins within
-them), so no p-value is below {min_p:.4f}; BH at
+S/N x z strata (at least {args.min_per_stratum} each, z bins grouped first, then S/N bins within
+them, except z >= {Z_ISOLATED:g} on its own), so no p-value is below {min_p:.4f}; BH at
 {ALPHA} over m spectra makes R discoveries only with p <= {ALPHA} R / m, so with about as many
 normal as injected spectra a class is recovered at all only when a large share of it reaches the
 smallest p-values. Resolution is not the only limit: where the S/N > 5 injections are a small part
@@ -411,7 +440,9 @@ channels, {len(vae.history)} epochs (grid and epochs below the design's 4000 pix
 so that the run fits in minutes on 2 cores). Injected spectra dropped by the quality cuts (not
 counted in the tables): {drop_line}.
 Realised FDR on null data (normal test spectra with q < {ALPHA} in the all-normal catalogue):
-ensemble {null_fdr["ensemble"]:.4f}, PCA {null_fdr["pca"]:.4f}.
+ensemble {null_fdr["ensemble"]:.4f}, PCA {null_fdr["pca"]:.4f}. Realised FDR with anomalies
+(normal spectra among the ensemble's discoveries at q < {ALPHA} in each class's catalogue):
+{realised_fdr(table)}.
 Labelled scores (ADBench-style `X`, `y`, `score_*`): `{args.data.name}/injection_recovery.npz`
 under `--data`; every class x S/N x z bin: `injection_recovery_bins.csv` there.
 
@@ -427,6 +458,11 @@ counts the calibration spectra of its stratum that outscore it. TOP_COMPONENT is
 the smallest tail probability.
 
 {markdown_table(top_calibration, floats="{:g}")}
+
+The calibration scores' upper tail by S/N bin and by redshift bin (the calibrator's bins): the
+redshift dependence is why strata group redshift bins first.
+
+{markdown_table(calibration_tail(cal_table), floats="{:.1f}")}
 
 ## Per class, all S/N and z
 
@@ -444,8 +480,9 @@ the smallest tail probability.
 
 Each of the eight components whose largest ``-ln`` tail probability is the ensemble's score:
 Isolation Forest, PCA detector and KNN on the VAE latents; the reconstruction chi2 (RECON =
-AUROC_vae_rchi2), the strongest missed absorption outside (DIP) and inside (FOREST) the
-Lyman-alpha forest and emission feature (PEAK); line weakness (LINES).
+AUROC_vae_rchi2), the strongest missed absorption redward of Lyman-alpha (DIP) and in the
+forest's damped Lyman-alpha search window (FOREST) and emission feature (PEAK); line weakness
+(LINES).
 
 {markdown_table(components)}
 

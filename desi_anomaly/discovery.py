@@ -81,7 +81,9 @@ META_COLUMNS = (
 SNR_EDGES = np.array([0.0, 1.0, 2.0, 4.0, 8.0, np.inf])
 #: Share of the VAE's training spectra held out from the detectors as the seen reference.
 SEEN_REFERENCE_FRACTION = 0.2
-Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, np.inf])
+Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, np.inf])
+#: Quasars from this redshift up form a calibration stratum of their own (``ConformalCalibrator``).
+Z_ISOLATED = 5.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ def fit_detector(
         snr_edges=SNR_EDGES,
         z_edges=Z_EDGES,
         min_per_stratum=min(stratum_size(alpha, min_discovery_fraction), len(calib)),
+        z_isolated=Z_ISOLATED,
     )
     layout.model_dir.mkdir(parents=True, exist_ok=True)
     ensemble.save(layout.detector)

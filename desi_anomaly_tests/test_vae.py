@@ -347,3 +347,32 @@ def test_learning_rate_decays_from_lr_to_its_final_fraction():
     rates = [learning_rate(config, epoch) for epoch in range(12)]
     assert rates[0] == pytest.approx(2e-3) and rates[10] == pytest.approx(1e-4) == rates[11]
     assert all(a > b for a, b in itertools.pairwise(rates[:11]))
+
+
+def test_forest_dip_measures_absorbers_in_the_dla_search_window_only(trained, shards):
+    """Removing the flux of three forest pixels raises FOREST_DIP between Lyman-beta and
+    Lyman-alpha, not in the Lyman-beta forest below (nor RESID_DIP, the red side's)."""
+    vae = load_checkpoint(trained)
+    shard = read_shard(shards[3])
+    wave = GRID.centres
+    forest = (wave > 930.0) & (wave < 1200.0)
+    rows = np.flatnonzero((shard.ivar[:, forest] > 0).all(axis=1))
+    assert len(rows) >= 3
+    shard = replace(
+        shard,
+        flux=shard.flux[rows],
+        ivar=shard.ivar[rows],
+        coverage=shard.coverage[rows],
+        meta=shard.meta.iloc[rows].reset_index(drop=True),
+    )
+    before = encode_shard(vae, shard).to_pandas()
+    for pixels, raised in (
+        ((wave > 1090) & (wave < 1130), True),
+        ((wave > 940) & (wave < 990), False),
+    ):
+        flux = shard.flux.copy()
+        flux[:, pixels] = 0.0
+        after = encode_shard(vae, replace(shard, flux=flux)).to_pandas()
+        gain = after["FOREST_DIP"] - before["FOREST_DIP"]
+        assert (gain > 3.0).all() if raised else (np.abs(gain) < 1.0).all(), gain.to_numpy()
+        np.testing.assert_allclose(after["RESID_DIP"], before["RESID_DIP"], atol=1.0)

@@ -4,14 +4,14 @@ Latents file (``{out_dir}/latents/{key}.parquet``, one per partition, written at
 TARGETID (int64), PARTITION (string), LATENT (fixed-size list of ``VAEConfig.code_dim`` float32:
 the latent posterior mean followed by the eigenspectrum coefficients), RECON_CHI2 (float64, chi2 of
 the reconstruction from the posterior mean and the solved coefficients over the pixels with data,
-with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32,
-pixels with finite flux and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD
-is 0), RESID_DIP, RESID_PEAK and FOREST_DIP (float64, the strongest absorption outside the
-Lyman-alpha forest, emission feature anywhere and absorption inside the forest missed by the
+with the effective ivar of ``SpectrumVAE.effective_ivar``), N_GOOD (int32, pixels with finite flux
+and ivar > 0), RECON_RCHI2 (float64, RECON_CHI2 / N_GOOD, NaN when N_GOOD is 0), RESID_DIP,
+RESID_PEAK and FOREST_DIP (float64, the strongest absorption redward of Lyman-alpha, emission
+feature anywhere and absorption in the forest's damped Lyman-alpha search window missed by the
 reconstruction, ``desi_anomaly.ml.residuals``; 0 where a region has no data), VAE_TRAINED (bool:
-the VAE trained on this spectrum, which it therefore fits better than new ones). Key-value
-metadata ``desi_anomaly`` (JSON): schema name and version, code version, partition, checkpoint
-path and sha256, grid, latent_dim (the code length).
+the VAE trained on this spectrum, which it therefore fits better than new ones). Key-value metadata
+``desi_anomaly`` (JSON): schema name and version, code version, partition, checkpoint path and
+sha256, grid, latent_dim (the code length).
 """
 
 from __future__ import annotations
@@ -35,11 +35,18 @@ from desi_anomaly.io.partitions import parse_key
 from desi_anomaly.preprocess import RestFrameGrid
 from desi_anomaly.shards import Shard, read_shard, read_shard_info
 
-from .residuals import local_extremes, window_widths
+from .residuals import (
+    PEAK_WINDOW_KMS,
+    TROUGH_WINDOW_KMS,
+    dla_search_pixels,
+    strongest_dip,
+    strongest_peak,
+    window_widths,
+)
 from .training import CheckpointError, TrainedVAE, same_grid
 from .vae import chi2, clean_inputs
 
-LATENTS_SCHEMA_VERSION = 4
+LATENTS_SCHEMA_VERSION = 5
 ENCODE_BATCH = 128  # spectra per forward pass: the linear solve holds batch x npix x linear_dim
 _META_KEY = b"desi_anomaly"
 
@@ -125,8 +132,10 @@ def _batched_forward(
     """Encode and reconstruct ``batch_size`` spectra at a time."""
     device = next(vae.model.parameters()).device
     grid = RestFrameGrid.from_dict(vae.grid)
-    widths = window_widths(grid.velocity_per_pixel)
+    troughs = window_widths(grid.velocity_per_pixel, TROUGH_WINDOW_KMS)
+    peaks = window_widths(grid.velocity_per_pixel, PEAK_WINDOW_KMS)
     forest = vae.model.forest_pixels(grid.centres)
+    dla_window = dla_search_pixels(grid.centres)
     for start in range(0, len(flux), batch_size):
         f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
         f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
@@ -136,17 +145,18 @@ def _batched_forward(
         iv_eff = vae.model.effective_ivar(iv_t.double(), recon, z_t)
         pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
         good = iv > 0
-        dip, peak = local_extremes(pull, good & ~forest, widths)
-        forest_dip, forest_peak = local_extremes(pull, good & forest, widths)
+        peak = np.maximum(
+            strongest_peak(pull, good & ~forest, peaks), strongest_peak(pull, good & forest, peaks)
+        )
         yield _Batch(
             torch.cat([mu.double(), coef], dim=1).float().cpu().numpy(),
             recon.float().cpu().numpy(),
             chi2(f_d, iv_eff, recon).cpu().numpy(),
             good.sum(axis=1).astype(np.int32),
             iv_eff.float().cpu().numpy(),
-            dip,
-            np.maximum(peak, forest_peak),
-            forest_dip,
+            strongest_dip(pull, good & ~forest, troughs),
+            peak,
+            strongest_dip(pull, good & dla_window, troughs),
         )
 
 

@@ -320,7 +320,7 @@ def vae_checkpoint(
     kinds={"parquet", "ray"},
     pool="ray",
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     backfill_policy=backfill_policy,
     check_specs=LATENTS_CHECKS,
     description=(
@@ -366,7 +366,7 @@ def _detector_version(layout) -> str:
     group_name="model",
     kinds={"scikitlearn"},
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     description=(
         "Detector ensemble fitted on the train-split latents of every partition encoded with the "
         "current checkpoint (tail probabilities against the reference split), and the conformal "
@@ -432,7 +432,7 @@ def load_detector(layout):
     group_name="discovery",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     backfill_policy=backfill_policy,
     check_specs=SCORES_CHECKS,
     description=(
@@ -466,7 +466,7 @@ def anomaly_scores(context: dg.AssetExecutionContext, storage: StorageResource):
     group_name="discovery",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     description=(
         "Benjamini-Hochberg q-values over every scored spectrum; the significant anomalies "
         "(q < alpha) embedded with UMAP, clustered with HDBSCAN and named by rule (BAL-like, red "
@@ -525,7 +525,7 @@ def catalog_preview(catalog, n: int = 10) -> str:
     group_name="discovery",
     kinds={"parquet", "duckdb"},
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     check_specs=CATALOG_CHECKS,
     description=(
         "The ranked anomaly catalog (TARGETID, healpix key, RA, DEC, Z, score, p, q, type, "
@@ -592,7 +592,7 @@ def anomaly_catalog(
     group_name="validation",
     kinds={"parquet"},
     owners=OWNERS,
-    code_version=_code_version(5),
+    code_version=_code_version(6),
     description=(
         "Injection-recovery: synthetic anomalies of every class injected into observed test-split "
         "spectra of the partitions (the detectors fitted on their train and reference splits, "

@@ -2,9 +2,9 @@
 
 1. ``fit_detectors``: the VAE latents and residual statistics of normal *train* spectra fit the
    ``AnomalyEnsemble`` (tail probabilities against normal *reference* spectra the VAE did not
-   train on) and the ``PCABaseline``; both are calibrated with a
-   ``ConformalCalibrator`` (S/N x z strata, ``discovery.SNR_EDGES``/``Z_EDGES``) on normal
-   *calibration* spectra (never used for fitting).
+   train on) and the ``PCABaseline``; both are calibrated with a ``ConformalCalibrator``
+   (S/N x z strata, ``discovery.SNR_EDGES``/``Z_EDGES``/``Z_ISOLATED``) on normal *calibration*
+   spectra (never used for fitting).
 2. ``inject_and_score``: for a batch of observed normal *test* spectra, the originals and one
    injected copy per applicable class are preprocessed, encoded and scored by both methods, with
    conformal p-values.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from desi_anomaly.discovery import SNR_EDGES, Z_EDGES
+from desi_anomaly.discovery import SNR_EDGES, Z_EDGES, Z_ISOLATED
 from desi_anomaly.ml.detectors import AnomalyEnsemble, stats_matrix
 from desi_anomaly.ml.encoding import encode_shard
 from desi_anomaly.ml.residuals import RESIDUAL_COLUMNS
@@ -136,6 +136,7 @@ def fit_detectors(
             snr_edges=SNR_EDGES,
             z_edges=Z_EDGES,
             min_per_stratum=min(min_per_stratum, len(cal)),
+            z_isolated=Z_ISOLATED,
         )
         for col in ("ANOMALY_SCORE", "PCA_RCHI2")
     ]
