@@ -126,6 +126,22 @@ class _Batch:
     forest_dip: np.ndarray  # (n,) FOREST_DIP
 
 
+def _region(pixels: np.ndarray, pad: int) -> tuple[slice, np.ndarray]:
+    """Columns a residual scan of the region ``pixels`` (npix,) reads: its span widened by ``pad``
+    (windows reaching past its edge count its pixels only), and the region's mask on them."""
+    idx = np.flatnonzero(pixels)
+    if not idx.size:
+        return slice(0, 0), pixels[:0]
+    cols = slice(max(int(idx[0]) - pad, 0), int(idx[-1]) + 1 + pad)
+    return cols, pixels[cols]
+
+
+def _scan(statistic, pull: np.ndarray, good: np.ndarray, region, widths) -> np.ndarray:
+    """``statistic`` (``strongest_dip`` or ``strongest_peak``) over one ``_region``."""
+    cols, inside = region
+    return statistic(pull[:, cols], good[:, cols] & inside, widths)
+
+
 def _batched_forward(
     vae: TrainedVAE, flux: np.ndarray, ivar: np.ndarray, redshift: np.ndarray, batch_size: int
 ) -> Iterator[_Batch]:
@@ -135,7 +151,10 @@ def _batched_forward(
     troughs = window_widths(grid.velocity_per_pixel, TROUGH_WINDOW_KMS)
     peaks = window_widths(grid.velocity_per_pixel, PEAK_WINDOW_KMS)
     forest = vae.model.forest_pixels(grid.centres)
-    dla_window = dla_search_pixels(grid.centres)
+    pad = max(troughs + peaks) - 1
+    red, lya_forest, dla_window = (
+        _region(m, pad) for m in (~forest, forest, dla_search_pixels(grid.centres))
+    )
     for start in range(0, len(flux), batch_size):
         f, iv = clean_inputs(flux[start : start + batch_size], ivar[start : start + batch_size])
         f_t, iv_t = torch.from_numpy(f).to(device), torch.from_numpy(iv).to(device)
@@ -145,8 +164,10 @@ def _batched_forward(
         iv_eff = vae.model.effective_ivar(iv_t.double(), recon, z_t)
         pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
         good = iv > 0
+
         peak = np.maximum(
-            strongest_peak(pull, good & ~forest, peaks), strongest_peak(pull, good & forest, peaks)
+            _scan(strongest_peak, pull, good, red, peaks),
+            _scan(strongest_peak, pull, good, lya_forest, peaks),
         )
         yield _Batch(
             torch.cat([mu.double(), coef], dim=1).float().cpu().numpy(),
@@ -154,9 +175,9 @@ def _batched_forward(
             chi2(f_d, iv_eff, recon).cpu().numpy(),
             good.sum(axis=1).astype(np.int32),
             iv_eff.float().cpu().numpy(),
-            strongest_dip(pull, good & ~forest, troughs),
+            _scan(strongest_dip, pull, good, red, troughs),
             peak,
-            strongest_dip(pull, good & dla_window, troughs),
+            _scan(strongest_dip, pull, good, dla_window, troughs),
         )
 
 
