@@ -16,15 +16,11 @@ Components (each one a score, larger = more anomalous):
   ``desi_anomaly.ml.residuals``). RECON and PEAK are scored on a log scale (``LOG_SCALE``): their
   upper tails are close to power laws (the misfit of rare but normal spectra grows with S/N; noise
   spikes at low S/N), which the exponential tail below would extrapolate far too steeply on the raw
-  scale. So are the PCA and KNN distances: a rare but normal spectrum (a z > 5 quasar, whose nearly
-  opaque forest few training spectra share) lies far from the training latents, at distances growing
-  like a power of its rarity; on the raw scale the exponential tail rated the normal z > 5
-  calibration spectra of the injection-recovery benchmark at up to e^-5000. DIP and FOREST are
-  scored as ``s^2 / 2`` (``SQUARE_SCALE``): they are maxima of window sums of normalised residuals,
-  standard normal with the extra variance of ``desi_anomaly.ml.noise``, whose tail probability falls
-  as ``exp(-s^2 / 2)``; an exponential tail in ``s`` itself would rate a 9-sigma trough (a damped
-  Lyman-alpha system) barely above the 6-sigma fluctuations of normal forests and let misfits of
-  other components outrank it.
+  scale. DIP and FOREST are scored as ``s^2 / 2`` (``SQUARE_SCALE``): they are maxima of window sums
+  of normalised residuals, standard normal with the extra variance of ``desi_anomaly.ml.noise``,
+  whose tail probability falls as ``exp(-s^2 / 2)``; an exponential tail in ``s`` itself would rate
+  a 9-sigma trough (a damped Lyman-alpha system) barely above the 6-sigma fluctuations of normal
+  forests and let misfits of other components outrank it.
 - ``LINES``: line weakness, minus the mean over the measured broad lines (``EW_*`` columns of the
   cleaned shards; NaN where a line is not covered) of the standardised log equivalent width
   (median and MAD of the training spectra). The reconstruction fits a weak-line quasar with ease
@@ -94,7 +90,7 @@ LINE_EW_COLUMNS = tuple(f"EW_{line.name}" for line in BROAD_LINES)
 STAT_COLUMNS = (*RESIDUAL_COLUMNS, *LINE_EW_COLUMNS)
 COMPONENTS = (*LATENT_DETECTORS, *RESIDUAL_COMPONENTS, "LINES")
 #: Residual components scored on a log scale (module doc).
-LOG_SCALE = ("PCA", "KNN", "RECON", "PEAK")
+LOG_SCALE = ("RECON", "PEAK")
 #: Residual components scored as s^2 / 2 (module doc).
 SQUARE_SCALE = ("DIP", "FOREST")
 EW_FLOOR = 1.0  # Angstrom: smaller (or negative, noisy) EWs count as this before the log
@@ -192,9 +188,9 @@ def _log_ew(stats: np.ndarray) -> np.ndarray:
 
 
 def _scale(name: str, values: np.ndarray) -> np.ndarray:
-    """A component's score on the scale where its tail is exponential (module doc)."""
+    """A residual component's score on the scale where its tail is exponential (module doc)."""
     if name in LOG_SCALE:
-        return np.log(np.maximum(values, 1e-6))
+        return np.log(np.maximum(values, 1e-3))
     if name in SQUARE_SCALE:
         return np.sign(values) * values**2 / 2
     return values
@@ -361,21 +357,14 @@ class AnomalyEnsemble:
         self.knn_ = KNN(n_neighbors=cfg.knn_neighbors, method="mean", n_jobs=cfg.n_jobs)
         self.knn_.fit(self.knn_projection_.transform(x_knn))
 
-    def _latent_scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw scores of the latent detectors."""
-        return {
+    def _component_scores(self, x: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
+        scores = {
             "IFOREST": self.iforest_.decision_function(x),
             "PCA": self.pca_.decision_function(x),
             "KNN": self.knn_.decision_function(self.knn_projection_.transform(x)),
         }
-
-    def _component_scores(
-        self, x: np.ndarray, r: np.ndarray, latent: dict[str, np.ndarray] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Every component's score on its tail scale (``latent``: the raw latent scores of
-        ``x``, when already computed)."""
-        raw = (latent or self._latent_scores(x)) | dict(zip(RESIDUAL_COMPONENTS, r.T, strict=False))
-        scores = {name: _scale(name, values) for name, values in raw.items()}
+        for i, name in enumerate(RESIDUAL_COMPONENTS):
+            scores[name] = _scale(name, r[:, i])
         z = (_log_ew(r) - self.ew_median_) / self.ew_scale_
         measured = np.isfinite(z).sum(axis=1)
         weakness = -np.where(np.isfinite(z), z, 0.0).sum(axis=1) / np.maximum(measured, 1)
@@ -418,14 +407,13 @@ class AnomalyEnsemble:
     def _score_chunk(
         self, x: np.ndarray, r: np.ndarray, s: np.ndarray, seen: np.ndarray
     ) -> pd.DataFrame:
-        latent = self._latent_scores(x)
-        scores = self._component_scores(x, r, latent)
-        nlp = self.tails_.neg_log(scores, s)
+        raw = self._component_scores(x, r)
+        nlp = self.tails_.neg_log(raw, s)
         if self.seen_tails_ is not None and seen.any():
-            again = self.seen_tails_.neg_log({k: v[seen] for k, v in scores.items()}, s[seen])
+            again = self.seen_tails_.neg_log({k: v[seen] for k, v in raw.items()}, s[seen])
             for name, values in again.items():
                 nlp[name][seen] = values
-        out = {f"SCORE_{name}": latent[name] for name in LATENT_DETECTORS}
+        out = {f"SCORE_{name}": raw[name] for name in LATENT_DETECTORS}
         out |= {f"TAILP_{name}": np.exp(-nlp[name]) for name in COMPONENTS}
         out["ANOMALY_SCORE"] = combine(np.stack([nlp[name] for name in COMPONENTS]))
         return pd.DataFrame(out)
