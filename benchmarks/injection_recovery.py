@@ -413,8 +413,9 @@ un-injected original's median S/N and redshift. AUROC_vae_rchi2 is a diagnostic:
 reconstruction reduced chi2 alone (one of the eight components the ensemble combines).
 
 Resolution of the recall figures: the {len(calib_all)} calibration spectra form {n_strata}
-S/N x z strata (at least {args.min_per_stratum} each, z bins grouped first, then S/N bins within
-them, except z >= {Z_ISOLATED:g} on its own), so no p-value is below {min_p:.4f}; BH at
+S/N x z strata (at least {args.min_per_stratum} each where there are enough: S/N bins grouped first,
+then z bins within them; z < {Z_ISOLATED[0]:g} and z >= {Z_ISOLATED[1]:g} are never pooled with the
+rest), so no p-value is below {min_p:.4f}; BH at
 {ALPHA} over m spectra makes R discoveries only with p <= {ALPHA} R / m, so with about as many
 normal as injected spectra a class is recovered at all only when a large share of it reaches the
 smallest p-values. Resolution is not the only limit: where the S/N > 5 injections are a small part
@@ -460,7 +461,7 @@ the smallest tail probability.
 {markdown_table(top_calibration, floats="{:g}")}
 
 The calibration scores' upper tail by S/N bin and by redshift bin (the calibrator's bins): the
-redshift dependence is why strata group redshift bins first.
+two ends of the redshift range are why they are calibrated apart.
 
 {markdown_table(calibration_tail(cal_table), floats="{:.1f}")}
 

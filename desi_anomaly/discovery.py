@@ -82,8 +82,8 @@ SNR_EDGES = np.array([0.0, 1.0, 2.0, 4.0, 8.0, np.inf])
 #: Share of the VAE's training spectra held out from the detectors as the seen reference.
 SEEN_REFERENCE_FRACTION = 0.2
 Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, np.inf])
-#: Quasars from this redshift up form a calibration stratum of their own (``ConformalCalibrator``).
-Z_ISOLATED = 5.0
+#: Redshifts below 1 and from 5 up are calibrated apart from the bulk (``ConformalCalibrator``).
+Z_ISOLATED = (1.0, 5.0)
 
 
 @dataclass(frozen=True)

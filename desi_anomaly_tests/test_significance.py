@@ -80,7 +80,7 @@ def test_stratification_restores_uniformity_within_an_snr_bin():
 
 
 def test_sparse_bins_merge_with_neighbours():
-    # counts per (S/N bin, z bin); z bin totals 610, 100, 700, 50 with min_per_stratum=200
+    # counts per (S/N bin, z bin); S/N bin totals 770, 570, 120 with min_per_stratum=200
     counts = np.array([[300, 50, 400, 20], [300, 50, 200, 20], [10, 0, 100, 10]])
     snr_mid, z_mid = np.array([0.5, 1.5, 3.0]), np.array([0.5, 1.5, 2.5, 3.5])
     i, j = np.nonzero(counts)
@@ -90,39 +90,48 @@ def test_sparse_bins_merge_with_neighbours():
     calibrator = ConformalCalibrator().fit(
         score, snr, z, snr_edges=[0, 1, 2, 4], z_edges=[0, 1, 2, 3, 4], min_per_stratum=200
     )
-    # the sparse z bin 1 joins z bin 2 and the short top z bin joins them; within each z group
-    # the short top S/N bin joins the one below it
-    np.testing.assert_array_equal(calibrator.stratum_of, [[0, 2, 2, 2], [1, 3, 3, 3], [1, 3, 3, 3]])
-    np.testing.assert_array_equal(calibrator.n_per_stratum, [300, 310, 470, 380])
+    # the short top S/N bin (120) joins the one below it; within each S/N group the sparse z bin 1
+    # joins z bin 2 and the short top z bin joins them
+    np.testing.assert_array_equal(calibrator.stratum_of, [[0, 1, 1, 1], [2, 3, 3, 3], [2, 3, 3, 3]])
+    np.testing.assert_array_equal(calibrator.n_per_stratum, [300, 470, 310, 380])
     assert calibrator.n_per_stratum.min() >= 200
     # values outside the edges join the outer bins
-    np.testing.assert_array_equal(calibrator.stratum([100.0, -1.0], [-1.0, 9.0]), [1, 2])
+    np.testing.assert_array_equal(calibrator.stratum([100.0, -1.0], [-1.0, 9.0]), [2, 1])
 
 
-def test_the_isolated_redshift_range_is_a_stratum_of_its_own():
-    """A few normal z > 5 quasars with extreme scores (the model fits them worst) stay out of the
-    z ~ 3 stratum, where a 6-sigma anomaly then reaches the smallest p-value."""
+def test_the_ends_of_the_redshift_range_are_calibrated_apart():
+    """A few normal z > 5 quasars and bright z < 1 spectra with extreme scores (the model fits
+    them worst) stay out of the z ~ 3 stratum, where a 6-sigma anomaly then reaches the smallest
+    p-value; each end is stratified on its own however few spectra it holds."""
     rng = np.random.default_rng(9)
-    z = np.r_[rng.uniform(2.0, 4.5, 3000), rng.uniform(5.0, 6.0, 5)]
+    z = np.r_[rng.uniform(1.0, 4.5, 3000), rng.uniform(0.1, 1.0, 1500), rng.uniform(5.0, 6.0, 5)]
     snr = rng.uniform(1.0, 10.0, z.size)
-    score = np.r_[rng.normal(size=3000), rng.uniform(50.0, 100.0, 5)]
-    edges = {"snr_edges": [0, np.inf], "z_edges": [0, 3, 5, np.inf], "min_per_stratum": 1000}
+    score = np.r_[rng.normal(size=3000), rng.normal(size=1500), rng.uniform(50.0, 100.0, 5)]
+    score[3000:3010] = 40.0  # ten low-z misfits
+    edges = {"snr_edges": [0, 5, np.inf], "z_edges": [0, 1, 3, 5, np.inf], "min_per_stratum": 1000}
     pooled = ConformalCalibrator().fit(score, snr, z, **edges)
-    isolated = ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=5.0)
-    np.testing.assert_array_equal(pooled.stratum_of, [[0, 1, 1]])
-    np.testing.assert_array_equal(isolated.stratum_of, [[0, 1, 2]])
-    assert isolated.n_per_stratum[2] == 5  # below min_per_stratum: kept anyway
-    anomaly = ([6.0], [5.0], [3.5])
-    assert pooled.pvalues(*anomaly)[0] == pytest.approx(6 / (pooled.n_per_stratum[1] + 1))
-    assert isolated.pvalues(*anomaly)[0] == pytest.approx(1 / (isolated.n_per_stratum[1] + 1))
+    apart = ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=(1.0, 5.0))
+    np.testing.assert_array_equal(pooled.stratum_of, [[0, 0, 0, 0], [1, 1, 1, 1]])  # by S/N
+    # z < 1 (1500 spectra: one stratum), 1 <= z < 5 (3000: split by S/N), z >= 5 (5: kept)
+    np.testing.assert_array_equal(apart.stratum_of, [[0, 1, 1, 3], [0, 2, 2, 3]])
+    assert apart.n_per_stratum[3] == 5
+    anomaly = ([6.0], [7.0], [3.5])
+    assert pooled.pvalues(*anomaly)[0] > 5 / (pooled.n_per_stratum[1] + 1)
+    assert apart.pvalues(*anomaly)[0] == pytest.approx(1 / (apart.n_per_stratum[2] + 1))
     # a normal z > 5 quasar is compared with its peers, not ranked above every z ~ 3 spectrum
-    assert isolated.pvalues([75.0], [5.0], [5.5])[0] > 0.1
+    assert apart.pvalues([75.0], [7.0], [5.5])[0] > 0.1
     # no calibration spectra there at all: p = 1, never a discovery
-    empty = ConformalCalibrator().fit(score[:3000], snr[:3000], z[:3000], **edges, z_isolated=5.0)
-    assert empty.n_per_stratum[2] == 0
+    empty = ConformalCalibrator().fit(
+        score[:4500], snr[:4500], z[:4500], **edges, z_isolated=(1.0, 5.0)
+    )
+    assert empty.n_per_stratum[-1] == 0
     assert empty.pvalues([1e6], [5.0], [5.5])[0] == 1.0
-    with pytest.raises(AnomalyInputError, match=r"z_isolated=4.0 must be one of the inner"):
-        ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=4.0)
+    only_high = ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=(None, 5.0))
+    np.testing.assert_array_equal(only_high.stratum_of[:, 3], [2, 2])
+    with pytest.raises(AnomalyInputError, match=r"edge 4.0 must be one of the inner"):
+        ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=(None, 4.0))
+    with pytest.raises(AnomalyInputError, match=r"must be increasing"):
+        ConformalCalibrator().fit(score, snr, z, **edges, z_isolated=(5.0, 1.0))
 
 
 def test_pvalue_formula_on_a_small_example():
@@ -146,7 +155,7 @@ def test_calibrator_save_load_round_trip(tmp_path):
     loaded = ConformalCalibrator.load(path)
     score, snr, z = normals(2000, np.random.default_rng(6))
     np.testing.assert_array_equal(loaded.pvalues(score, snr, z), calibrator.pvalues(score, snr, z))
-    assert loaded.min_per_stratum == 300 and loaded.z_isolated is None
+    assert loaded.min_per_stratum == 300 and loaded.z_isolated == (None, None)
     np.savez(tmp_path / "other.npz", x=np.arange(3))
     with pytest.raises(ModelFileError, match=r"other\.npz: cannot be read"):
         ConformalCalibrator.load(tmp_path / "other.npz")
@@ -187,19 +196,19 @@ def test_snr_dependence():
     assert abs(snr_dependence(rng.normal(size=snr.size), snr)) < 0.05
 
 
-def test_a_small_calibration_set_is_split_by_redshift_before_snr():
-    """Too few calibration spectra to split both ways: the strata separate low from high
-    redshift, so a z ~ 3 spectrum is not ranked against the low-z spectra's heavy-tailed misfits."""
+def test_a_small_calibration_set_is_split_by_snr_before_redshift():
+    """Too few calibration spectra to split both ways: the strata separate faint from bright, so a
+    bright spectrum is not ranked against the faint spectra's heavy-tailed outliers."""
     rng = np.random.default_rng(8)
     n = 2000
     snr = rng.choice([1.5, 10.0], n)
-    z = rng.choice([1.0, 3.0], n)
-    score = np.where(z < 2, rng.standard_cauchy(n), rng.normal(size=n))  # low z: heavy tail
+    z = rng.uniform(0.5, 3.5, n)
+    score = np.where(snr < 2, rng.standard_cauchy(n), rng.normal(size=n))  # faint: heavy tail
     calibrator = ConformalCalibrator().fit(
         score, snr, z, snr_edges=[0, 2, np.inf], z_edges=[0, 2, np.inf], min_per_stratum=800
     )
     assert len(calibrator.n_per_stratum) == 2
-    np.testing.assert_array_equal(calibrator.stratum([1.5, 10.0], [1.0, 3.0]), [0, 1])
-    # a z ~ 3 spectrum 6 sigma out outscores every z ~ 3 calibration spectrum
-    p = calibrator.pvalues(np.array([6.0]), np.array([1.5]), np.array([3.0]))
+    np.testing.assert_array_equal(calibrator.stratum([1.5, 10.0], [1.0, 1.0]), [0, 1])
+    # a bright spectrum 6 sigma out outscores every bright calibration spectrum
+    p = calibrator.pvalues(np.array([6.0]), np.array([10.0]), np.array([3.0]))
     assert p[0] == pytest.approx(1 / (calibrator.n_per_stratum[1] + 1))

@@ -9,24 +9,27 @@ S/N or redshift.
 
 Strata: S/N and z are binned by ``snr_edges`` and ``z_edges`` (values outside the outer edges join
 the outer bins). Bins with fewer than ``min_per_stratum`` calibration spectra are merged with
-neighbours: first whole z bins, from low z upwards, are grouped until each group holds at least
-``min_per_stratum`` (a short group left at the high end joins the one below it); then, within
-each z group, S/N bins are grouped the same way from low S/N upwards. Every stratum is thus a
-rectangle of adjacent bins holding at least ``min_per_stratum`` calibration spectra. Redshift
-comes first because, once the detectors measure tail probabilities within S/N bins
-(``desi_anomaly.ml.detectors``), the extreme scores of normal spectra depend more on z than on
-S/N: bright low-z spectra whose narrow line cores and red end the model misses, and the rare
-highest-z quasars (docs/injection_recovery.md tabulates the calibration tail by S/N and z bin).
-Pooled with those, a z ~ 3 spectrum with a damped Lyman-alpha system would need to outscore them.
+neighbours: first whole S/N bins, from low S/N upwards, are grouped until each group holds at
+least ``min_per_stratum`` (a short group left at the high end joins the one below it); then, within
+each S/N group, z bins are grouped the same way from low z upwards. Every stratum is thus a
+rectangle of adjacent bins holding at least ``min_per_stratum`` calibration spectra. S/N comes
+first because the extreme scores of normal spectra depend on it (noise spikes and poorly
+constrained fits at low S/N, model misfits at high S/N), and pooled with them a spectrum of
+another S/N would need to outscore those outliers.
 
-``z_isolated`` (optional, one of the inner ``z_edges``): the bins from there up form one stratum
-of their own, all S/N together, however few calibration spectra it holds. Quasars at z > 5 are
-rare (DR1's 99th redshift percentile is 3.7), their forest nearly opaque, and the model fits them
-worst: pooled with z ~ 3-5 spectra the normal ones would set that stratum's tail (and be
-discovered themselves, as anomalies of the pooled stratum). Isolated, they are compared with each
-other; with few calibration spectra their p-values are coarse (at least ``1 / (n + 1)``; 1 when
-the stratum holds none), so the catalogue claims no anomaly there that the calibration cannot
-support.
+``z_isolated = (z_low, z_high)`` (each one of the inner ``z_edges``, or None) cuts the redshift
+range into parts that are never pooled: below ``z_low``, between, and from ``z_high`` up. Each
+part is stratified as above on its own, however few calibration spectra it holds (a part with
+fewer than ``min_per_stratum`` is one stratum). The two ends of the redshift range show
+different spectra from the bulk and the model fits them worst: below z ~ 1 the rest-frame optical
+(narrow Balmer and [O III] cores, host-galaxy light, no forest), above z ~ 5 a nearly opaque
+forest in a rare population (DR1's 99th redshift percentile is 3.7). Pooled with the bulk, their
+normal spectra set the stratum's extreme tail (a z ~ 3 spectrum with a damped Lyman-alpha system
+would have to outscore bright z < 1 misfits) and are discovered themselves as anomalies of the
+pooled stratum (docs/injection_recovery.md tabulates the calibration tail by S/N and redshift
+bin). Kept apart, they are compared with each other; a small part gives coarse p-values (at
+least ``1 / (n + 1)``; 1 when it holds no calibration spectrum), so the catalogue claims no
+anomaly there that the calibration cannot support.
 
 Resolution: p-values are at least ``1 / (n_k + 1)`` in a stratum of n_k calibration spectra, and BH
 over m spectra at level alpha makes R discoveries only if they reach p <= alpha * R / m, so it makes
@@ -36,6 +39,7 @@ spectra are needed before 10k discoveries become possible: size ``min_per_stratu
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,7 +107,7 @@ class ConformalCalibrator:
         snr_edges: np.ndarray,
         z_edges: np.ndarray,
         min_per_stratum: int = 500,
-        z_isolated: float | None = None,
+        z_isolated: tuple[float | None, float | None] = (None, None),
     ) -> ConformalCalibrator:
         """Calibrate on scores, median S/N and redshifts of held-out normal spectra."""
         scores, snr, z = _as_columns(cal_scores, cal_snr, cal_z, names="calibration score/S/N/Z")
@@ -118,33 +122,39 @@ class ConformalCalibrator:
         counts = np.zeros((len(self.snr_edges) - 1, len(self.z_edges) - 1), dtype=np.int64)
         np.add.at(counts, (snr_bin, z_bin), 1)
 
-        n_pooled = counts.shape[1]  # z bins grouped by size; those from z_isolated up are not
-        if z_isolated is not None:
-            inner = self.z_edges[1:-1]
-            if not np.any(inner == z_isolated):
-                raise AnomalyInputError(
-                    f"z_isolated={z_isolated} must be one of the inner z_edges {inner.tolist()}"
-                )
-            n_pooled = int(np.flatnonzero(self.z_edges == z_isolated)[0])
+        cuts = [self._isolated_bin(edge) for edge in z_isolated]
+        bounds = [0, *(c for c in cuts if c is not None), counts.shape[1]]
+        if np.any(np.diff(bounds) <= 0):
+            raise AnomalyInputError(f"z_isolated={z_isolated} must be increasing")
         self.stratum_of = np.empty_like(counts)  # (snr bin, z bin) -> stratum
-        z_groups = _group(counts[:, :n_pooled].sum(axis=0), min_per_stratum)
         n_strata = 0
-        for g in range(z_groups.max() + 1):
-            cols = z_groups == g
-            snr_groups = _group(counts[:, :n_pooled][:, cols].sum(axis=1), min_per_stratum)
-            self.stratum_of[:, :n_pooled][:, cols] = (n_strata + snr_groups)[:, None]
-            n_strata += snr_groups.max() + 1
-        if n_pooled < counts.shape[1]:
-            self.stratum_of[:, n_pooled:] = n_strata
-            n_strata += 1
+        for lo, hi in itertools.pairwise(bounds):  # redshift ranges that are never pooled
+            part = counts[:, lo:hi]
+            snr_groups = _group(part.sum(axis=1), min_per_stratum)
+            for g in range(snr_groups.max() + 1):
+                rows = snr_groups == g
+                z_groups = _group(part[rows].sum(axis=0), min_per_stratum)
+                self.stratum_of[rows, lo:hi] = (n_strata + z_groups)[None, :]
+                n_strata += z_groups.max() + 1
 
         stratum = self.stratum_of[snr_bin, z_bin]
         order = np.lexsort((scores, stratum))
         self.sorted_scores = scores[order]  # by stratum, then score
         self.offsets = np.searchsorted(stratum[order], np.arange(n_strata + 1))
         self.min_per_stratum = int(min_per_stratum)
-        self.z_isolated = z_isolated
+        self.z_isolated = tuple(z_isolated)
         return self
+
+    def _isolated_bin(self, edge: float | None) -> int | None:
+        """Index of the z bin starting at ``edge`` (an inner z edge), None for None."""
+        if edge is None:
+            return None
+        inner = self.z_edges[1:-1]
+        if not np.any(inner == edge):
+            raise AnomalyInputError(
+                f"z_isolated edge {edge} must be one of the inner z_edges {inner.tolist()}"
+            )
+        return int(np.flatnonzero(self.z_edges == edge)[0])
 
     @property
     def n_per_stratum(self) -> np.ndarray:
@@ -178,7 +188,7 @@ class ConformalCalibrator:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "min_per_stratum": self.min_per_stratum,
-            "z_isolated": self.z_isolated,
+            "z_isolated": list(self.z_isolated),
             "n_calibration": int(self.sorted_scores.size),
             "desi_anomaly": __version__,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -210,7 +220,7 @@ class ConformalCalibrator:
         for key in _ARRAYS:
             setattr(cal, key, arrays[key])
         cal.min_per_stratum = info["min_per_stratum"]
-        cal.z_isolated = info.get("z_isolated")
+        cal.z_isolated = tuple(info.get("z_isolated", (None, None)))
         return cal
 
 
