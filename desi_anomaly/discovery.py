@@ -79,11 +79,11 @@ META_COLUMNS = (
     "BAL_FLAG",
 )
 SNR_EDGES = np.array([0.0, 1.0, 2.0, 4.0, 8.0, np.inf])
-#: Share of the VAE's training spectra held out from the detectors as the seen reference.
-SEEN_REFERENCE_FRACTION = 0.2
 Z_EDGES = np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, np.inf])
 #: Redshifts below 1 and from 5 up are calibrated apart from the bulk (``ConformalCalibrator``).
 Z_ISOLATED = (1.0, 5.0)
+#: Share of the VAE's training spectra held out from the detectors as the seen reference.
+SEEN_REFERENCE_FRACTION = 0.2
 
 
 @dataclass(frozen=True)

@@ -305,9 +305,7 @@ class AnomalyEnsemble:
                 self.ew_median_ = np.nanmedian(log_ew, axis=0)
                 mad = np.nanmedian(np.abs(log_ew - self.ew_median_), axis=0)
             self.ew_scale_ = np.where(mad > 0, 1.4826 * mad, 1.0)
-            self.tails_ = _SnrTails(
-                self._component_scores(x_ref, r_ref), s_ref, cfg.min_per_snr_bin, cfg.max_snr_bins
-            )
+            self.tails_ = self._tails(x_ref, r_ref, s_ref)
             self.seen_tails_ = None
             if seen_reference is not None:
                 x_seen, r_seen, s_seen = _as_inputs(*seen_reference, x.shape[1])
@@ -315,12 +313,7 @@ class AnomalyEnsemble:
                     raise AnomalyInputError(
                         f"fit got {len(x_seen)} seen reference rows (needs >= {MIN_REFERENCE_ROWS})"
                     )
-                self.seen_tails_ = _SnrTails(
-                    self._component_scores(x_seen, r_seen),
-                    s_seen,
-                    cfg.min_per_snr_bin,
-                    cfg.max_snr_bins,
-                )
+                self.seen_tails_ = self._tails(x_seen, r_seen, s_seen)
         self.info = {
             "latent_dim": int(x.shape[1]),
             "n_train": len(x),
@@ -339,6 +332,11 @@ class AnomalyEnsemble:
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return self
+
+    def _tails(self, x: np.ndarray, r: np.ndarray, s: np.ndarray) -> _SnrTails:
+        """Tail models of every component on reference rows (latents, stats, S/N)."""
+        cfg = self.config
+        return _SnrTails(self._component_scores(x, r), s, cfg.min_per_snr_bin, cfg.max_snr_bins)
 
     def _fit_detectors(self, x_fit: np.ndarray, x_knn: np.ndarray, seed: int) -> None:
         """Fit the detectors on ``x_fit`` (KNN on ``x_knn``)."""

@@ -164,7 +164,6 @@ def _batched_forward(
         iv_eff = vae.model.effective_ivar(iv_t.double(), recon, z_t)
         pull = ((f_d - recon) * iv_eff.sqrt()).cpu().numpy()
         good = iv > 0
-
         peak = np.maximum(
             _scan(strongest_peak, pull, good, red, peaks),
             _scan(strongest_peak, pull, good, lya_forest, peaks),
